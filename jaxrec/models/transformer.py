@@ -1,0 +1,296 @@
+"""A Flax linen decoder-only LM covering the GPT-2 and Llama families.
+
+Shapes: B batch, T new tokens in this call, S key slots (T without a cache, the cache length
+with one), D d_model, H query heads, K key/value heads, G = H // K query heads per KV head,
+Dh head_dim, F d_ff, V vocab.
+
+Every matmul casts its inputs to `cfg.dtype` and accumulates in float32; norms, softmax, RoPE
+and the residual stream stay in float32. Parameters carry logical axis names (batch, length,
+embed, heads, kv_heads, head_dim, mlp, vocab); the sharding rules live in train/.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxrec.models.config import ModelConfig
+
+HEADS = ("lm", "value", "both")
+_NEG_INF = -1e30  # finite, so a fully masked row (a pad query) gives no NaN
+
+
+@struct.dataclass
+class LayerCache:
+    k: jax.Array  # [B, S, K, Dh] cache_dtype
+    v: jax.Array  # [B, S, K, Dh] cache_dtype
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values plus the next slot to write (shared by all rows)."""
+
+    layers: tuple[LayerCache, ...]
+    index: jax.Array  # [] int32: slots [0, index) are written
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].k.shape[1]
+
+
+@struct.dataclass
+class LMOutput:
+    logits: jax.Array | None  # [B, T, V] float32 (head 'lm' or 'both')
+    values: jax.Array | None  # [B, T] float32 (head 'value' or 'both')
+    hidden: jax.Array  # [B, T, D] float32, after the final norm
+    cache: KVCache | None  # the updated cache when one was passed in
+
+
+def _dtype(name: str):
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+    """An empty cache with `length` slots per row."""
+    shape = (batch, length, cfg.n_kv_heads, cfg.dim_per_head)
+    zeros = lambda: jnp.zeros(shape, _dtype(cfg.cache_dtype))
+    layers = tuple(LayerCache(k=zeros(), v=zeros()) for _ in range(cfg.n_layers))
+    return KVCache(layers=layers, index=jnp.zeros((), jnp.int32))
+
+
+def positions_from_valid(valid: jax.Array) -> jax.Array:
+    """Positions that skip left padding: [B, T] bool -> [B, T] int32 (0 at the first real token)."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(valid: jax.Array) -> jax.Array:
+    """[B, T] bool -> [B, T, T] bool: query t sees real keys s <= t."""
+    t = valid.shape[-1]
+    tril = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    return tril[None] & valid[:, None, :]
+
+
+def _matmul(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, D] float32
+        cfg = self.cfg
+        pdt = _dtype(cfg.param_dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (cfg.d_model,), pdt,
+        )
+        x = x.astype(jnp.float32)
+        if cfg.family == "gpt2":
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                (cfg.d_model,), pdt,
+            )
+            mean = x.mean(-1, keepdims=True)
+            var = jnp.square(x - mean).mean(-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+            return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + cfg.norm_eps)
+        return y * scale.astype(jnp.float32)
+
+
+class Dense(nn.Module):
+    """y = x . W (+ b) as one einsum; W has `shape` with logical `axes`."""
+
+    cfg: ModelConfig
+    spec: str  # einsum spec, input first
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    bias_dims: int = 0  # trailing kernel dims that the bias covers (0: no bias)
+    fan_in_dims: int = 1  # leading kernel dims that are inputs (for the init scale)
+
+    @nn.compact
+    def __call__(self, x):
+        pdt = _dtype(self.cfg.param_dtype)
+        fan_in = 1
+        for n in self.shape[: self.fan_in_dims]:
+            fan_in *= n
+        init = nn.initializers.normal(stddev=fan_in**-0.5)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape, pdt)
+        y = _matmul(self.spec, x, kernel, _dtype(self.cfg.dtype))
+        if self.bias_dims:
+            bshape, baxes = self.shape[-self.bias_dims :], self.axes[-self.bias_dims :]
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, baxes), bshape, pdt
+            )
+            y = y + bias.astype(jnp.float32)
+        return y
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, style: str) -> jax.Array:
+    """Rotary embedding. x [B, T, N, Dh], positions [B, T] -> [B, T, N, Dh] float32.
+
+    'half' rotates (x[:Dh/2], x[Dh/2:]) (Hugging Face); 'interleaved' rotates the pairs
+    (x[2i], x[2i+1]) (Meta / llama2.c). Both use frequency theta^(-2i/Dh) for pair i.
+    """
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x.astype(jnp.float32)
+    if style == "half":
+        x1, x2 = x[..., : dh // 2], x[..., dh // 2 :]
+        return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    pairs = x.reshape(*x.shape[:-1], dh // 2, 2)  # [B, T, N, Dh/2, 2]
+    xe, xo = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([xe * cos - xo * sin, xe * sin + xo * cos], axis=-1)
+    return out.reshape(x.shape)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, attn_mask, cache: LayerCache | None, index):
+        cfg = self.cfg
+        d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
+        dt = _dtype(cfg.dtype)
+        qkv_bias = 2 if cfg.qkv_bias else 0
+        q = Dense(cfg, "btd,dhk->bthk", (d, h, dh), ("embed", "heads", "head_dim"), qkv_bias,
+                  name="q")(x)  # [B, T, H, Dh]
+        k = Dense(cfg, "btd,dhk->bthk", (d, kv, dh), ("embed", "kv_heads", "head_dim"), qkv_bias,
+                  name="k")(x)  # [B, T, K, Dh]
+        v = Dense(cfg, "btd,dhk->bthk", (d, kv, dh), ("embed", "kv_heads", "head_dim"), qkv_bias,
+                  name="v")(x)  # [B, T, K, Dh]
+        if cfg.family == "llama":
+            q = rope(q, positions, cfg.rope_theta, cfg.rope_style)
+            k = rope(k, positions, cfg.rope_theta, cfg.rope_style)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        if cache is not None:  # write the new keys at [index, index + T) and attend to all slots
+            cdt = cache.k.dtype
+            start = (0, index, 0, 0)
+            cache = LayerCache(
+                k=jax.lax.dynamic_update_slice(cache.k, k.astype(cdt), start),  # [B, S, K, Dh]
+                v=jax.lax.dynamic_update_slice(cache.v, v.astype(cdt), start),
+            )
+            k, v = cache.k, cache.v
+        b, t = q.shape[:2]
+        qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", qg.astype(dt), k.astype(dt), preferred_element_type=jnp.float32
+        ) * (dh**-0.5)  # [B, K, G, T, S]
+        scores = jnp.where(attn_mask[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S] float32
+        out = jnp.einsum(
+            "bkgts,bskd->btkgd", probs.astype(dt), v.astype(dt), preferred_element_type=jnp.float32
+        ).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        out = Dense(cfg, "bthk,hkd->btd", (h, dh, d), ("heads", "head_dim", "embed"),
+                    1 if cfg.out_bias else 0, fan_in_dims=2, name="o")(out)  # [B, T, D]
+        return out, cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        cfg = self.cfg
+        d, f = cfg.d_model, cfg.d_ff
+        b = 1 if cfg.mlp_bias else 0
+        up = Dense(cfg, "btd,df->btf", (d, f), ("embed", "mlp"), b, name="up")(x)  # [B, T, F]
+        if cfg.activation == "silu":  # SwiGLU
+            gate = Dense(cfg, "btd,df->btf", (d, f), ("embed", "mlp"), b, name="gate")(x)
+            hidden = jax.nn.silu(gate) * up
+        else:  # gelu_new: the tanh approximation
+            hidden = jax.nn.gelu(up, approximate=True)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return Dense(cfg, "btf,fd->btd", (f, d), ("mlp", "embed"), b, name="down")(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, attn_mask, cache, index):
+        attn_out, cache = Attention(self.cfg, name="attn")(
+            Norm(self.cfg, name="attn_norm")(x), positions, attn_mask, cache, index
+        )
+        x = x + attn_out
+        x = x + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, cache
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM with an LM head, a scalar value head, or both (a shared trunk)."""
+
+    cfg: ModelConfig
+    head: str = "lm"  # 'lm' | 'value' | 'both'
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        positions: jax.Array,  # [B, T] int32
+        attn_mask: jax.Array,  # [B, T, S] bool: query t may attend to key slot s
+        cache: KVCache | None = None,
+    ) -> LMOutput:
+        cfg = self.cfg
+        pdt = _dtype(cfg.param_dtype)
+        embed = self.param(
+            "embed",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.d_model), pdt,
+        )
+        x = jnp.take(embed, tokens, axis=0).astype(jnp.float32)  # [B, T, D]
+        if cfg.family == "gpt2":
+            pos_embed = self.param(
+                "pos_embed",
+                nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+                (cfg.max_len, cfg.d_model), pdt,
+            )
+            x = x + jnp.take(pos_embed, positions, axis=0).astype(jnp.float32)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block_cls = nn.remat(Block) if cfg.remat else Block
+        index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+        new_layers = []
+        for i in range(cfg.n_layers):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x, layer_cache = block_cls(cfg, name=f"block_{i}")(
+                x, positions, attn_mask, layer_cache, index
+            )
+            new_layers.append(layer_cache)
+        hidden = Norm(cfg, name="final_norm")(x)  # [B, T, D]
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(layers=tuple(new_layers), index=index + tokens.shape[1])
+        logits = values = None
+        dt = _dtype(cfg.dtype)
+        if self.head in ("lm", "both"):
+            if cfg.tie_embeddings:
+                logits = _matmul("btd,vd->btv", hidden, embed, dt)  # [B, T, V]
+            else:
+                logits = Dense(cfg, "btd,dv->btv", (cfg.d_model, cfg.vocab_size),
+                               ("embed", "vocab"), name="lm_head")(hidden)
+            logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        if self.head in ("value", "both"):
+            kernel = self.param(
+                "value_head",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                (cfg.d_model,), jnp.float32,
+            )
+            bias = self.param(
+                "value_bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (),
+                jnp.float32,
+            )
+            values = jnp.einsum("btd,d->bt", hidden, kernel) + bias  # [B, T] float32
+        return LMOutput(logits=logits, values=values, hidden=hidden, cache=new_cache)
