@@ -10,8 +10,12 @@ from jaxrec.models.core import (
     logical_axes,
     logits,
     make_model,
+    project_logits,
+    project_values,
     values,
 )
+from jaxrec.models.io import load_pretrained, save_pretrained
+from jaxrec.models.llama2c import load_llama2c, save_llama2c
 from jaxrec.models.transformer import (
     KVCache,
     LayerCache,
@@ -35,9 +39,15 @@ __all__ = [
     "init_params",
     "init_value_params",
     "llama_config",
+    "load_llama2c",
+    "load_pretrained",
     "logical_axes",
     "logits",
     "make_model",
     "positions_from_valid",
+    "project_logits",
+    "project_values",
+    "save_llama2c",
+    "save_pretrained",
     "values",
 ]

@@ -65,12 +65,14 @@ class ModelConfig:
             allowed(name, getattr(self, name), DTYPES)
         if self.architecture:
             allowed("architecture", self.architecture, tuple(ARCHITECTURES))
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len")
+        for name in sizes:
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
-                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"
+                f"model.n_heads={self.n_heads} must be a multiple of "
+                f"model.n_kv_heads={self.n_kv_heads}"
             )
         if self.head_dim == 0 and self.d_model % self.n_heads:
             raise ValueError(

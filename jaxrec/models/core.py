@@ -14,6 +14,8 @@ from jaxrec.models.transformer import (
     CausalLM,
     KVCache,
     LMOutput,
+    _dtype,
+    _matmul,
     causal_mask,
     positions_from_valid,
 )
@@ -86,6 +88,22 @@ def logits(cfg: ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [B, T] int32, got shape {tokens.shape}")
     return _jit_logits(cfg, params, tokens)
+
+
+def project_logits(cfg: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
+    """The LM head alone: hidden [B, T, D] (after the final norm) -> logits [B, T, V] float32.
+
+    Lets callers run the trunk with head='none' and project only the positions they need.
+    """
+    dt = _dtype(cfg.dtype)
+    if cfg.tie_embeddings:
+        return _matmul("btd,vd->btv", hidden, params["embed"], dt)
+    return _matmul("btd,dv->btv", hidden, params["lm_head"]["kernel"], dt)
+
+
+def project_values(params: dict, hidden: jax.Array) -> jax.Array:
+    """The value head alone: hidden [B, T, D] -> values [B, T] float32."""
+    return jnp.einsum("btd,d->bt", hidden, params["value_head"]) + params["value_bias"]
 
 
 def init_value_params(policy_params: dict) -> dict:
