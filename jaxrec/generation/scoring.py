@@ -1,0 +1,74 @@
+"""Teacher-forced scoring of (prompt, completion) pairs: log-probs, entropy, values.
+
+Shapes: B batch, P prompt length (left padded), R completion length, V vocab.
+The completion token at column j is predicted from the hidden state at sequence position
+P - 1 + j; its value V(s_j) is read at the same position (the state before the action).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxrec.models import ModelConfig, forward, project_logits, project_values
+
+
+@struct.dataclass
+class Scores:
+    logps: jax.Array  # [B, R] float32 log pi(token | prefix) at the given temperature, 0 on masked
+    entropy: jax.Array  # [B, R] float32 entropy of that distribution, 0 on masked
+    values: jax.Array | None  # [B, R] float32 V(state before the token), 0 on masked; or None
+
+
+def _completion_hidden(cfg, params, prompt, prompt_valid, completion, completion_mask):
+    """Hidden states [B, R, D] that predict each completion token."""
+    p = prompt.shape[1]
+    r = completion.shape[1]
+    tokens = jnp.concatenate([prompt, completion], axis=1)  # [B, P + R]
+    valid = jnp.concatenate([prompt_valid, completion_mask], axis=1)
+    hidden = forward(cfg, params, tokens, valid, head="none").hidden  # [B, P + R, D]
+    return hidden[:, p - 1 : p - 1 + r]
+
+
+def token_logps(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0):
+    """logits [B, R, V], tokens [B, R] -> (log-probs [B, R], entropy [B, R]) at a temperature."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    picked = jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
+    return picked, entropy
+
+
+def score(
+    cfg: ModelConfig,
+    params: dict,
+    prompt: jax.Array,  # [B, P] int32, left padded
+    prompt_valid: jax.Array,  # [B, P] bool
+    completion: jax.Array,  # [B, R] int32
+    completion_mask: jax.Array,  # [B, R] bool
+    *,
+    temperature: float = 1.0,
+    value_params: dict | None = None,
+    shared_value: bool = False,
+) -> Scores:
+    """Per-token log-probs and entropy of `completion` under `params`, and optionally values.
+
+    Values come from a separate value network (`value_params`, same config) or, with
+    `shared_value`, from the value head stored in `params` on the policy's own trunk.
+    """
+    hidden = _completion_hidden(cfg, params, prompt, prompt_valid, completion, completion_mask)
+    logps, entropy = token_logps(project_logits(cfg, params, hidden), completion, temperature)
+    values = None
+    if shared_value:
+        values = project_values(params, hidden)
+    elif value_params is not None:
+        v_hidden = _completion_hidden(
+            cfg, value_params, prompt, prompt_valid, completion, completion_mask
+        )
+        values = project_values(value_params, v_hidden)
+    m = completion_mask
+    return Scores(
+        logps=jnp.where(m, logps, 0.0),
+        entropy=jnp.where(m, entropy, 0.0),
+        values=None if values is None else jnp.where(m, values, 0.0),
+    )
