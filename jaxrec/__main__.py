@@ -1,0 +1,3 @@
+from jaxrec.cli import main
+
+raise SystemExit(main())

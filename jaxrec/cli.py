@@ -1,0 +1,119 @@
+"""The `jaxrec` command line. Heavy imports happen inside each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _find_tokenizer(model_path: pathlib.Path) -> pathlib.Path:
+    """The tokenizer that sits beside a model: the HF folder itself, or a llama2.c tok*.bin."""
+    if model_path.is_dir():
+        return model_path
+    candidates = [model_path.parent / "tokenizer.bin"]
+    candidates += sorted(p for p in model_path.parent.glob("tok*.bin") if p != model_path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise CliError(f"no tokenizer found beside {model_path}; pass --tokenizer PATH")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxrec.data import load_tokenizer
+    from jaxrec.generation import generate_jit, left_pad, make_sampler
+    from jaxrec.models import load_pretrained
+
+    model_path = pathlib.Path(args.model)
+    if not model_path.exists():
+        raise CliError(f"--model {model_path}: no such file or folder")
+    cfg, params = load_pretrained(model_path)
+    tokenizer = load_tokenizer(args.tokenizer or _find_tokenizer(model_path))
+    prompt_ids = tokenizer.encode(args.prompt, bos=tokenizer.bos_id >= 0)
+    if not prompt_ids:
+        raise CliError("the prompt is empty and the tokenizer has no BOS token")
+    if len(prompt_ids) + args.max_new_tokens > cfg.max_len:
+        raise CliError(
+            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
+            f"the model's max_len {cfg.max_len}"
+        )
+    sampler = make_sampler(args.greedy, args.temperature, args.top_k, args.top_p)
+    tokens, valid = left_pad([prompt_ids], pad_id=max(cfg.pad_id, 0))
+    out = generate_jit(
+        cfg, params, tokens, valid, jax.random.key(args.seed),
+        sampler=sampler, max_new_tokens=args.max_new_tokens,
+    )
+    new_ids = [int(t) for t, m in zip(out.tokens[0], out.mask[0], strict=True) if m]
+    if new_ids and new_ids[-1] == cfg.eos_id:
+        new_ids = new_ids[:-1]
+    prefix = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(prompt_ids + new_ids)
+    print(full[len(prefix) :] if full.startswith(prefix) else tokenizer.decode(new_ids))
+    return 0
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from jaxrec.bench.generate import run
+
+    run(
+        dtypes=args.dtype,
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        peer=not args.no_peer,
+        seed=args.seed,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxrec", description="Fine-tune causal LMs into recommender policies with RLHF-PPO."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="sample a completion from a checkpoint")
+    gen.add_argument("--model", required=True, help="Hugging Face folder or llama2.c .bin file")
+    gen.add_argument("--tokenizer", help="tokenizer folder or llama2.c tokenizer .bin")
+    gen.add_argument("--prompt", default="", help="prompt text (BOS is prepended when known)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0: off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks that print JSON lines")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bgen = bench_sub.add_parser("generate", help="new tokens per second vs transformers")
+    bgen.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                      choices=["float32", "bfloat16"])
+    bgen.add_argument("--batch", type=int, default=64)
+    bgen.add_argument("--prompt-len", type=int, default=64)
+    bgen.add_argument("--new-tokens", type=int, default=32)
+    bgen.add_argument("--repeats", type=int, default=5)
+    bgen.add_argument("--no-peer", action="store_true", help="skip transformers' generate")
+    bgen.add_argument("--seed", type=int, default=0)
+    bgen.set_defaults(func=cmd_bench_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, ValueError, FileNotFoundError) as err:
+        print(f"jaxrec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
