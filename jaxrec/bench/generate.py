@@ -61,9 +61,11 @@ def _peer(folder, dtype, prompt, new_tokens, repeats, seed) -> dict | None:
         import transformers
     except ImportError:
         return None
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).eval()
-    ids = torch.from_numpy(np.asarray(prompt)).long()
+    ids = torch.tensor(np.asarray(prompt), dtype=torch.long)
     attention = torch.ones_like(ids)
     torch.manual_seed(seed)
 
@@ -78,6 +80,7 @@ def _peer(folder, dtype, prompt, new_tokens, repeats, seed) -> dict | None:
     seconds = _median_seconds(run, repeats)
     return {
         "peer": f"transformers {transformers.__version__} generate (torch {torch.__version__})",
+        "peer_dtype": dtype,
         "peer_new_tokens_per_sec": ids.shape[0] * new_tokens / seconds,
         "peer_seconds": seconds,
     }
@@ -99,9 +102,12 @@ def run(
     prompt = jnp.asarray(rng.integers(3, base.vocab_size, (batch, prompt_len)), jnp.int32)
     valid = jnp.ones((batch, prompt_len), jnp.bool_)
     rows = []
+    peers = {}
     with tempfile.TemporaryDirectory() as folder:
-        if peer:
+        if peer:  # the peer runs each dtype once; float32 is transformers' default
             save_pretrained(base, params32, folder)
+            for dtype in dict.fromkeys(["float32", *dtypes]):
+                peers[dtype] = _peer(folder, dtype, prompt, new_tokens, repeats, seed)
         for dtype in dtypes:
             cfg = base.replace(dtype=dtype, param_dtype=dtype)
             params = jax.tree.map(lambda x, c=cfg: x.astype(c.param_dtype), params32)
@@ -117,10 +123,12 @@ def run(
                 "cpu_count": os.cpu_count(),
             }
             row.update(_ours(cfg, params, prompt, valid, new_tokens, repeats, seed))
-            peer_row = _peer(folder, dtype, prompt, new_tokens, repeats, seed) if peer else None
-            if peer_row:
-                row.update(peer_row)
+            if peers.get(dtype):  # the same dtype on both sides, and against the peer's default
+                row.update(peers[dtype])
                 row["ratio"] = row["new_tokens_per_sec"] / row["peer_new_tokens_per_sec"]
+                default = peers["float32"]["peer_new_tokens_per_sec"]
+                row["peer_float32_new_tokens_per_sec"] = default
+                row["ratio_vs_peer_float32"] = row["new_tokens_per_sec"] / default
             rows.append(row)
             print_fn(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                  for k, v in row.items()}))

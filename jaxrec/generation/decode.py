@@ -117,9 +117,10 @@ def generate(
     causal = slot[None, :] <= jnp.arange(p)[:, None]  # [P, S]
     attn_mask = causal[None] & key_valid[:, None, :]  # [B, P, S]
     out = forward_cached(
-        cfg, params, prompt, positions, attn_mask, init_cache(cfg, b, s), head="none"
+        cfg, params, prompt, positions, attn_mask, init_cache(cfg, b, s), head="none",
+        prefill=True, last_only=True,
     )
-    logits = project_logits(cfg, params, out.hidden[:, -1:])[:, 0]  # [B, V]
+    logits = project_logits(cfg, params, out.hidden)[:, 0]  # [B, V]
 
     state = DecodeState(
         step=jnp.zeros((), jnp.int32),

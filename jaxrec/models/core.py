@@ -72,9 +72,18 @@ def forward_cached(
     cache: KVCache,
     *,
     head: str = "lm",
+    prefill: bool = False,
+    last_only: bool = False,
 ) -> LMOutput:
-    """One cached step (prefill or decode); returns the updated cache in `LMOutput.cache`."""
-    return make_model(cfg, head).apply({"params": params}, tokens, positions, attn_mask, cache)
+    """One cached step; returns the updated cache in `LMOutput.cache`.
+
+    `prefill=True` promises the cache is empty (index 0), so attention covers only the T new
+    keys; `last_only=True` computes the last block's MLP, the norm and the heads for the last
+    position only (all a sampler needs after a prefill).
+    """
+    return make_model(cfg, head).apply(
+        {"params": params}, tokens, positions, attn_mask, cache, prefill, last_only
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -157,7 +157,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, attn_mask, cache: LayerCache | None, index):
+    def __call__(self, x, positions, attn_mask, cache: LayerCache | None, index, prefill=False):
         cfg = self.cfg
         d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
         dt = _dtype(cfg.dtype)
@@ -176,18 +176,21 @@ class Attention(nn.Module):
         # over (B, K) with contiguous [S, Dh] blocks (4-5x faster per decode step on CPU).
         k = k.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
         v = v.transpose(0, 2, 1, 3)
-        if cache is not None:  # write the new keys at [index, index + T) and attend to all slots
+        b, t = q.shape[:2]
+        if cache is not None:  # write the new keys at [index, index + T)
             cdt = cache.k.dtype
-            start = (0, 0, index, 0)
+            start = (0, 0, 0 if prefill else index, 0)
             cache = LayerCache(
                 k=jax.lax.dynamic_update_slice(cache.k, k.astype(cdt), start),  # [B, K, S, Dh]
                 v=jax.lax.dynamic_update_slice(cache.v, v.astype(cdt), start),
             )
-            k, v = cache.k, cache.v
-            # Attend in the cache's dtype: a float32 cache (the CPU default) skips a cast of
-            # every slot per step, and XLA's CPU has no bf16 x bf16 -> f32 matrix-vector kernel.
-            dt = cdt
-        b, t = q.shape[:2]
+            if prefill:  # the cache was empty: the fresh keys are all there is to attend to
+                attn_mask = attn_mask[:, :, :t]  # [B, T, T]
+            else:  # attend to every slot, in the cache's dtype (no cast of every slot per step)
+                k, v, dt = cache.k, cache.v, cdt
+        if jax.default_backend() == "cpu":
+            # XLA's CPU has no bf16 x bf16 -> f32 kernel for these batched (matrix-vector) dots.
+            dt = jnp.float32
         qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
         scores = jnp.einsum(
             "btkgd,bksd->bkgts", qg.astype(dt), k.astype(dt), preferred_element_type=jnp.float32
@@ -226,11 +229,13 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, attn_mask, cache, index):
+    def __call__(self, x, positions, attn_mask, cache, index, prefill=False, last_only=False):
         attn_out, cache = Attention(self.cfg, name="attn")(
-            Norm(self.cfg, name="attn_norm")(x), positions, attn_mask, cache, index
+            Norm(self.cfg, name="attn_norm")(x), positions, attn_mask, cache, index, prefill
         )
         x = x + attn_out
+        if last_only:  # only the last position feeds the head: skip the MLP for the others
+            x = x[:, -1:]
         x = x + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, cache
@@ -249,6 +254,8 @@ class CausalLM(nn.Module):
         positions: jax.Array,  # [B, T] int32
         attn_mask: jax.Array,  # [B, T, S] bool: query t may attend to key slot s
         cache: KVCache | None = None,
+        prefill: bool = False,  # the cache is empty: attend to the T new keys only
+        last_only: bool = False,  # hidden/logits/values for the last position only ([B, 1, ...])
     ) -> LMOutput:
         cfg = self.cfg
         pdt = _dtype(cfg.param_dtype)
@@ -267,13 +274,15 @@ class CausalLM(nn.Module):
             x = x + jnp.take(pos_embed, positions, axis=0).astype(jnp.float32)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-        block_cls = nn.remat(Block) if cfg.remat else Block
+        # `self` is argument 0 of the block's __call__; the two flags are static.
+        block_cls = nn.remat(Block, static_argnums=(6, 7)) if cfg.remat else Block
         index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
         new_layers = []
         for i in range(cfg.n_layers):
             layer_cache = cache.layers[i] if cache is not None else None
+            last = last_only and i == cfg.n_layers - 1
             x, layer_cache = block_cls(cfg, name=f"block_{i}")(
-                x, positions, attn_mask, layer_cache, index
+                x, positions, attn_mask, layer_cache, index, prefill, last
             )
             new_layers.append(layer_cache)
         hidden = Norm(cfg, name="final_norm")(x)  # [B, T, D]

@@ -72,3 +72,13 @@ def test_make_sampler_and_bad_settings():
         Temperature(0.0)
     with pytest.raises(ValueError, match="top_p=1.5"):
         TopP(1.0, p=1.5)
+
+
+def test_two_level_draw_equals_a_flat_inverse_cdf():
+    key = jax.random.key(3)
+    logprobs = jax.nn.log_softmax(2 * jax.random.normal(key, (256, 1000)), axis=-1)  # V % 64 != 0
+    tokens = np.asarray(draw(key, logprobs))
+    u = np.asarray(jax.random.uniform(key, (256, 1), jnp.float32, minval=1e-12), np.float64)
+    cdf = np.cumsum(np.exp(np.asarray(logprobs, np.float64)), axis=-1)
+    expected = np.minimum((cdf < u * cdf[:, -1:]).sum(-1), 999)
+    np.testing.assert_array_equal(tokens, expected)

@@ -1,0 +1,25 @@
+"""`jaxrec bench generate` runs and prints one JSON line per dtype (figures are not asserted)."""
+
+import json
+
+from jaxrec.cli import main
+
+
+def test_bench_generate_prints_json_lines_with_peer_figures(capsys):
+    status = main(["bench", "generate", "--batch", "2", "--prompt-len", "4", "--new-tokens", "3",
+                   "--repeats", "1"])
+    assert status == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    for row in rows:
+        assert row["new_tokens_per_sec"] > 0 and row["peer_new_tokens_per_sec"] > 0
+        assert row["peer_dtype"] == row["dtype"]
+        assert abs(row["ratio"] - row["new_tokens_per_sec"] / row["peer_new_tokens_per_sec"]) < 0.01
+        assert row["batch"] == 2 and row["new_tokens"] == 3
+
+
+def test_bench_generate_without_peer(capsys):
+    assert main(["bench", "generate", "--dtype", "float32", "--batch", "2", "--prompt-len", "4",
+                 "--new-tokens", "2", "--repeats", "1", "--no-peer"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "peer_new_tokens_per_sec" not in row and row["new_tokens_per_sec"] > 0
