@@ -14,6 +14,14 @@ _LAZY = {
     "models": "jaxrec.models",
     "generation": "jaxrec.generation",
     "data": "jaxrec.data",
+    "ppo": "jaxrec.ppo",
+    "train": "jaxrec.train",
+    "ppo_step": "jaxrec.train",
+    "PPOBatch": "jaxrec.train",
+    "TrainState": "jaxrec.train",
+    "create_train_state": "jaxrec.train",
+    "PPOConfig": "jaxrec.config",
+    "ModelConfig": "jaxrec.config",
 }
 
 __all__ = sorted(_LAZY)

@@ -22,6 +22,8 @@ RANK = {
 # Third-party packages that only one part may import.
 ONLY = {"orbax": {"checkpoint"}, "tensorflow_datasets": {"data"}, "tensorflow": {"data"}}
 NO_JAX_PARTS = {"data"}  # host-side readers: numpy only
+# The PPO math imports jax and flax.struct only (plus the standard library).
+PPO_ALLOWED = {"jax", "flax.struct", "__future__", "dataclasses", "functools", "math", "typing"}
 
 
 def _modules():
@@ -66,6 +68,8 @@ def test_import_direction(path, part):
             assert part in ONLY[root], f"{path} imports {root}; only {ONLY[root]} may"
         if root in ("tensorflow_datasets", "tensorflow", "torch"):
             assert not top_level, f"{path} imports {root} at module level; import it lazily"
+        if part == "ppo" and root != "jaxrec":
+            assert name in PPO_ALLOWED or root in {"jax"}, f"{path}: jaxrec.ppo imports {name}"
         if part in NO_JAX_PARTS:
             assert root not in ("jax", "flax", "optax", "orbax", "chex"), (
                 f"{path}: jaxrec.{part} must not import {root}"

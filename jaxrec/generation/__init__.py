@@ -17,7 +17,13 @@ from jaxrec.generation.sampling import (
     TopP,
     make_sampler,
 )
-from jaxrec.generation.scoring import Scores, score, token_logps
+from jaxrec.generation.scoring import (
+    Scores,
+    SequenceScores,
+    score,
+    sequence_scores,
+    token_logps,
+)
 
 __all__ = [
     "DecodeState",
@@ -25,6 +31,7 @@ __all__ = [
     "Greedy",
     "Sampler",
     "Scores",
+    "SequenceScores",
     "Temperature",
     "TokenConstraint",
     "TopK",
@@ -35,5 +42,6 @@ __all__ = [
     "left_pad",
     "make_sampler",
     "score",
+    "sequence_scores",
     "token_logps",
 ]

@@ -72,3 +72,42 @@ def score(
         entropy=jnp.where(m, entropy, 0.0),
         values=None if values is None else jnp.where(m, values, 0.0),
     )
+
+
+@struct.dataclass
+class SequenceScores:
+    logps: jax.Array  # [B, T] float32 log pi(token_t | tokens_<t); 0 at t = 0 and on padding
+    entropy: jax.Array  # [B, T] float32 entropy of the distribution that produced token t
+    values: jax.Array | None  # [B, T] float32 V(state before token t), or None
+
+
+def sequence_scores(
+    cfg: ModelConfig,
+    params: dict,
+    tokens: jax.Array,  # [B, T] int32 (prompt and completion in one row, left padded)
+    valid: jax.Array,  # [B, T] bool, False on padding
+    *,
+    temperature: float = 1.0,
+    value_params: dict | None = None,
+    shared_value: bool = False,
+) -> SequenceScores:
+    """Teacher-forced per-token scores aligned with token positions (what PPO trains on):
+    entry t is about token t, predicted from the hidden state at t - 1."""
+    hidden = forward(cfg, params, tokens, valid, head="none").hidden[:, :-1]  # [B, T-1, D]
+    logps, entropy = token_logps(project_logits(cfg, params, hidden), tokens[:, 1:], temperature)
+    values = None
+    if shared_value:
+        values = project_values(params, hidden)
+    elif value_params is not None:
+        v_hidden = forward(cfg, value_params, tokens, valid, head="none").hidden[:, :-1]
+        values = project_values(value_params, v_hidden)
+
+    def align(x):  # [B, T-1] -> [B, T], zero at t = 0 and on padding
+        x = jnp.pad(x, ((0, 0), (1, 0)))
+        return jnp.where(valid, x, 0.0)
+
+    return SequenceScores(
+        logps=align(logps),
+        entropy=align(entropy),
+        values=None if values is None else align(values),
+    )

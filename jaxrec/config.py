@@ -1,0 +1,192 @@
+"""Every setting as a frozen dataclass: the model (`ModelConfig`) and PPO (`PPOConfig`).
+
+Rank 0 of the import order: this module imports nothing from jaxrec. Every field has a
+one-line comment; invalid values raise a one-line error naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Family = Literal["gpt2", "llama"]
+
+FAMILIES = ("gpt2", "llama")
+ROPE_STYLES = ("half", "interleaved")
+DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("gelu_new", "silu")
+# Hugging Face architecture names we read and write, with the family each belongs to.
+ARCHITECTURES = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only causal LM (GPT-2 or Llama family).
+
+    Hashable, so it can be a static argument of `jax.jit`.
+    """
+
+    family: Family = "llama"  # 'gpt2': LayerNorm, learned positions; 'llama': RMSNorm, RoPE
+    vocab_size: int = 512  # rows of the token embedding (and of the output head)
+    d_model: int = 64  # width of the residual stream
+    n_layers: int = 2  # decoder blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 4  # key/value heads (< n_heads: grouped-query attention)
+    head_dim: int = 0  # per-head width; 0 means d_model // n_heads
+    d_ff: int = 256  # hidden width of the MLP (SwiGLU or GELU)
+    max_len: int = 512  # longest sequence (GPT-2: rows of the position table)
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+    activation: str = "silu"  # 'silu' (SwiGLU, Llama) or 'gelu_new' (GPT-2)
+    rope_theta: float = 10000.0  # RoPE base frequency (llama family)
+    rope_style: str = "half"  # 'half': rotate-half (Hugging Face); 'interleaved': pairs (2i, 2i+1)
+    qkv_bias: bool = False  # biases on q/k/v projections (GPT-2, Qwen2)
+    out_bias: bool = False  # bias on the attention output projection (GPT-2)
+    mlp_bias: bool = False  # biases in the MLP (GPT-2)
+    tie_embeddings: bool = True  # output head shares the token embedding
+    dtype: str = "float32"  # compute dtype of matmuls; accumulation is always float32
+    param_dtype: str = "float32"  # storage dtype of freshly initialised params
+    cache_dtype: str = "float32"  # KV-cache dtype (float32 is faster on CPU; bf16 on accelerators)
+    remat: bool = False  # rematerialise each decoder block in the backward pass
+    bos_id: int = 1  # begin-of-sequence token (-1: none)
+    eos_id: int = 2  # end-of-sequence token (-1: none)
+    pad_id: int = 0  # padding token used in prompt buffers
+    architecture: str = ""  # Hugging Face architecture this came from / exports to ('' = default)
+
+    def __post_init__(self):
+        def allowed(name, value, options):
+            if value not in options:
+                raise ValueError(f"model.{name}={value!r} is not allowed; choose one of {options}")
+
+        allowed("family", self.family, FAMILIES)
+        allowed("rope_style", self.rope_style, ROPE_STYLES)
+        allowed("activation", self.activation, ACTIVATIONS)
+        for name in ("dtype", "param_dtype", "cache_dtype"):
+            allowed(name, getattr(self, name), DTYPES)
+        if self.architecture:
+            allowed("architecture", self.architecture, tuple(ARCHITECTURES))
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len")
+        for name in sizes:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must be a multiple of "
+                f"model.n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim == 0 and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "set model.head_dim"
+            )
+        if self.family == "llama" and self.dim_per_head % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def hf_architecture(self) -> str:
+        if self.architecture:
+            return self.architecture
+        return "GPT2LMHeadModel" if self.family == "gpt2" else "LlamaForCausalLM"
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def gpt2_config(**overrides) -> ModelConfig:
+    """GPT-2 family defaults (LayerNorm, learned positions, GELU, biases, tied head)."""
+    base = dict(
+        family="gpt2",
+        activation="gelu_new",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+        norm_eps=1e-5,
+        architecture="GPT2LMHeadModel",
+    )
+    base.update(overrides)
+    base.setdefault("n_kv_heads", base.get("n_heads", ModelConfig.n_heads))  # no GQA in GPT-2
+    return ModelConfig(**base)
+
+
+def llama_config(**overrides) -> ModelConfig:
+    """Llama family defaults (RMSNorm, RoPE, SwiGLU, no biases)."""
+    base = dict(family="llama", activation="silu", architecture="LlamaForCausalLM")
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _check_choice(section: str, name: str, value, options):
+    if value not in options:
+        raise ValueError(f"{section}.{name}={value!r} is not allowed; choose one of {options}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Hyperparameters of the PPO update (`jaxrec.ppo_step`) and of reward shaping."""
+
+    epochs: int = 4  # passes over the rollout batch per update
+    minibatches: int = 4  # minibatches per epoch (the batch size must divide evenly)
+    grad_accum: int = 1  # minibatches whose gradients are accumulated per optimizer step
+    clip_low: float = 0.2  # ratio clip below 1 (1 - clip_low)
+    clip_high: float = 0.2  # ratio clip above 1 (1 + clip_high); > clip_low is "clip-higher"
+    dual_clip: float | None = None  # cap on the loss for negative advantages (e.g. 3.0)
+    value_clip: float | None = 0.2  # clip of the value update around the rollout values
+    vf_coef: float = 0.5  # value-loss weight (shared trunk: in the joint loss)
+    ent_coef: float = 0.0  # entropy bonus weight
+    ptx_coef: float = 0.0  # PPO-ptx: weight alpha of the supervised NLL term
+    policy_lr: float = 1e-5  # peak learning rate of the policy optimizer
+    value_lr: float = 1e-5  # peak learning rate of the value optimizer
+    lr_schedule: str = "constant"  # 'constant' | 'linear' | 'cosine' decay after warm-up
+    warmup_steps: int = 0  # optimizer steps of linear warm-up
+    total_steps: int = 1000  # optimizer steps the decay schedules span
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    adam_b1: float = 0.9  # Adam beta1
+    adam_b2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    max_grad_norm: float | None = 1.0  # global-norm gradient clipping (None: off)
+    temperature: float = 1.0  # sampling temperature the log-probs are computed at
+    whiten_advantages: bool = True  # normalise advantages per minibatch (masked)
+    shared_value: bool = False  # value head on the policy trunk instead of a separate network
+    gamma: float = 1.0  # GAE discount per action token
+    lam: float = 0.95  # GAE lambda
+    kl_coef: float = 0.05  # initial beta of the KL penalty to the reference
+    kl_kind: str = "k1"  # per-token KL estimator: 'k1' | 'k2' | 'k3'
+    kl_adaptive: bool = True  # Ziegler et al. adaptive controller (False: fixed beta)
+    kl_target: float = 6.0  # adaptive controller's target KL per sequence
+    kl_horizon: float = 10000.0  # adaptive controller's horizon (samples)
+    shuffle_blocks: int = 1  # rows are shuffled within this many contiguous blocks (set to
+    #                          the data-parallel degree to reproduce a sharded run on one device)
+    data_axis: str | None = None  # mesh axis name when the step runs inside shard_map
+
+    def __post_init__(self):
+        for name in ("epochs", "minibatches", "grad_accum", "total_steps", "shuffle_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1")
+        _check_choice("ppo", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("ppo", "kl_kind", self.kl_kind, ("k1", "k2", "k3"))
+        for name in ("clip_low", "clip_high", "policy_lr", "value_lr", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ppo.{name}={getattr(self, name)} must be > 0")
+        if self.clip_low >= 1:
+            raise ValueError(f"ppo.clip_low={self.clip_low} must be < 1")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"ppo.dual_clip={self.dual_clip} must be > 1 (or null)")
+        if self.minibatches % self.grad_accum:
+            raise ValueError(
+                f"ppo.grad_accum={self.grad_accum} must divide ppo.minibatches={self.minibatches}"
+            )
+
+    def replace(self, **changes) -> PPOConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,206 @@
+"""The pure PPO update: `state, metrics = ppo_step(state, batch, key, config)`.
+
+Shapes: B rollout rows, T tokens per row (prompt and completion, left padded), M minibatches,
+E epochs, V vocab. Per-token arrays are aligned with token positions: entry t is about token t,
+predicted from the state after tokens < t.
+
+For each epoch e (a `lax.scan`) the rows are shuffled (within `shuffle_blocks` contiguous
+blocks, or within the device's rows inside shard_map) and cut into M minibatches (a `lax.scan`);
+for each minibatch, with m the action mask and N = sum(m) over the whole minibatch (all devices):
+
+    rho_t   = exp(log pi_theta(a_t) - log pi_old(a_t))                    ratio
+    A_t     <- (A_t - mean_m A) / std_m A                                 whitening (optional)
+    L_pg    = sum_t m_t max(-A_t rho_t, -A_t clip(rho_t, 1-eps_lo, 1+eps_hi)) / N
+              (dual clip c, for A_t < 0: min(., -c A_t))
+    L_ent   = sum_t m_t H_t / N                                           entropy
+    L_ptx   = -sum_t m'_t log pi_theta(y_t) / N'                          PPO-ptx, SFT tokens
+    L_pi    = L_pg - c_ent L_ent + alpha L_ptx     (+ c_vf L_V with a shared trunk)
+    V_clip  = V_old + clip(V_phi - V_old, -c_v, c_v)
+    L_V     = 1/2 sum_t m_t max((V_phi - R_t)^2, (V_clip - R_t)^2) / N
+    theta   <- AdamW(clip_by_global_norm(grad L_pi)),  phi <- AdamW(clip(grad L_V))
+
+Inside `jax.shard_map` over `config.data_axis`, each device holds B / D rows; N is a psum of
+the local counts, so the local losses add up to the global token mean, and the gradient with
+respect to the replicated params arrives summed over devices (shard_map's check_vma): it is
+already the gradient of the global loss, and no further pmean is applied.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxrec.config import PPOConfig
+from jaxrec.generation import sequence_scores
+from jaxrec.models import forward, project_values
+from jaxrec.ppo import entropy_bonus, policy_loss, ptx_loss, value_loss
+from jaxrec.train.state import TrainState
+
+
+@struct.dataclass
+class PPOBatch:
+    tokens: jax.Array  # [B, T] int32 prompt + completion
+    valid: jax.Array  # [B, T] bool, False on padding
+    action_mask: jax.Array  # [B, T] bool, the policy's own tokens
+    old_logp: jax.Array  # [B, T] float32 behaviour log-probs (0 off the actions)
+    ref_logp: jax.Array  # [B, T] float32 reference log-probs
+    old_values: jax.Array  # [B, T] float32 values at rollout time
+    advantages: jax.Array  # [B, T] float32 GAE advantages
+    returns: jax.Array  # [B, T] float32 GAE returns
+    sft_tokens: jax.Array | None = None  # [Bs, Ts] int32 supervised rows for PPO-ptx
+    sft_mask: jax.Array | None = None  # [Bs, Ts] bool, tokens whose NLL counts (not the prompt)
+
+
+def _psum(x, axis):
+    return x if axis is None else jax.lax.psum(x, axis)
+
+
+def _global_whiten(x, mask, axis, eps=1e-8):
+    """Whiten with mean and variance over every device's unmasked entries."""
+    n = _psum(jnp.sum(mask.astype(jnp.float32)), axis)
+    s1 = _psum(jnp.sum(jnp.where(mask, x, 0.0)), axis)
+    s2 = _psum(jnp.sum(jnp.where(mask, x * x, 0.0)), axis)
+    mean = s1 / jnp.maximum(n, 1.0)
+    var = (s2 / jnp.maximum(n, 1.0) - mean**2) * n / jnp.maximum(n - 1.0, 1.0)
+    return jnp.where(mask, (x - mean) * jax.lax.rsqrt(jnp.maximum(var, 0.0) + eps), 0.0)
+
+
+def _values(cfg, value_params, tokens, valid):
+    """[B, T] V(state before token t) from a separate value network."""
+    hidden = forward(cfg, value_params, tokens, valid, head="none").hidden[:, :-1]
+    return jnp.where(valid, jnp.pad(project_values(value_params, hidden), ((0, 0), (1, 0))), 0.0)
+
+
+def _minibatch_indices(key, rows, config: PPOConfig):
+    """[M, rows / M] row indices: one permutation shared by `blocks` contiguous blocks."""
+    blocks = config.shuffle_blocks if config.data_axis is None else 1
+    if rows % (blocks * config.minibatches):
+        raise ValueError(
+            f"batch rows {rows} must divide into shuffle_blocks={blocks} x "
+            f"minibatches={config.minibatches}"
+        )
+    per_block = rows // blocks
+    perm = jax.random.permutation(key, per_block).reshape(config.minibatches, -1)  # [M, b]
+    offsets = jnp.arange(blocks) * per_block  # [blocks]
+    idx = perm[:, None, :] + offsets[None, :, None]  # [M, blocks, b]
+    return idx.reshape(config.minibatches, -1)
+
+
+def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, config):
+    cfg, axis = state.model, config.data_axis
+    scores = sequence_scores(
+        cfg, policy, mb.tokens, mb.valid, temperature=config.temperature,
+        shared_value=config.shared_value,
+    )
+    mask = mb.action_mask
+    pg, metrics = policy_loss(
+        scores.logps, mb.old_logp, adv, mask, clip_low=config.clip_low,
+        clip_high=config.clip_high, dual_clip=config.dual_clip, den=den,
+    )
+    ent, m_ent = entropy_bonus(scores.entropy, mask, den)
+    loss = pg - config.ent_coef * ent
+    metrics = {**metrics, **m_ent}
+    if config.shared_value:
+        vf, m_vf = value_loss(scores.values, mb.old_values, mb.returns, mask,
+                              clip=config.value_clip, den=den)
+        loss = loss + config.vf_coef * vf
+        metrics.update(m_vf)
+    if sft is not None and config.ptx_coef > 0:
+        sft_tokens, sft_mask = sft
+        sft_valid = jnp.ones(sft_tokens.shape, jnp.bool_)
+        sft_scores = sequence_scores(cfg, policy, sft_tokens, sft_valid)
+        sft_den = _psum(jnp.sum(sft_mask.astype(jnp.float32)), axis)
+        nll, m_ptx = ptx_loss(sft_scores.logps, sft_mask, jnp.maximum(sft_den, 1.0))
+        loss = loss + config.ptx_coef * nll
+        metrics.update(m_ptx)
+    metrics["ppo/policy_total_loss"] = loss
+    return loss, metrics
+
+
+def _value_objective(value, state: TrainState, mb: PPOBatch, den, config):
+    values = _values(state.model, value, mb.tokens, mb.valid)
+    return value_loss(values, mb.old_values, mb.returns, mb.action_mask,
+                      clip=config.value_clip, den=den)
+
+
+def _apply(tx, grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _minibatch_update(state: TrainState, batch: PPOBatch, idx, m, config: PPOConfig):
+    """One optimizer step (policy, and value unless shared) on the rows `idx`."""
+    axis = config.data_axis
+    take = lambda x: None if x is None else jnp.take(x, idx, axis=0)
+    mb = PPOBatch(**{f.name: take(getattr(batch, f.name)) for f in _PER_ROW_FIELDS})
+    sft = None
+    if batch.sft_tokens is not None:
+        n = batch.sft_tokens.shape[0] // config.minibatches
+        sft = tuple(jax.lax.dynamic_slice_in_dim(x, m * n, n, axis=0)
+                    for x in (batch.sft_tokens, batch.sft_mask))
+    mask = mb.action_mask
+    den = jnp.maximum(_psum(jnp.sum(mask.astype(jnp.float32)), axis), 1.0)
+    adv = _global_whiten(mb.advantages, mask, axis) if config.whiten_advantages else mb.advantages
+
+    grad_fn = jax.grad(_policy_objective, has_aux=True)
+    p_grads, metrics = grad_fn(state.policy, state, mb, sft, adv, den, config)
+    metrics["ppo/policy_grad_norm"] = optax.tree.norm(p_grads)
+    policy, policy_opt = _apply(state.policy_tx, p_grads, state.policy_opt, state.policy)
+    value, value_opt = state.value, state.value_opt
+    if not config.shared_value:
+        v_grads, m_vf = jax.grad(_value_objective, has_aux=True)(state.value, state, mb, den,
+                                                                 config)
+        metrics.update(m_vf)
+        metrics["ppo/value_grad_norm"] = optax.tree.norm(v_grads)
+        value, value_opt = _apply(state.value_tx, v_grads, state.value_opt, state.value)
+    state = state.replace(policy=policy, value=value, policy_opt=policy_opt,
+                          value_opt=value_opt, step=state.step + 1)
+    if axis is not None:
+        metrics = _global_metrics(metrics, mask, axis)
+    return state, metrics
+
+
+def _global_metrics(metrics: dict, mask, axis) -> dict:
+    """Per-device metrics -> global ones. Losses already carry the global denominator (sum
+    them); gradient norms are of the already-summed gradients (equal everywhere); per-token
+    means are re-weighted by each device's token count, so they equal the global means."""
+    local = jnp.sum(mask.astype(jnp.float32))
+    total = jnp.maximum(jax.lax.psum(local, axis), 1.0)
+    out = {}
+    for name, value in metrics.items():
+        if name.endswith("loss"):
+            out[name] = jax.lax.psum(value, axis)
+        elif name.endswith("grad_norm"):
+            out[name] = jax.lax.pmean(value, axis)
+        else:
+            out[name] = jax.lax.psum(value * local, axis) / total
+    return out
+
+
+_PER_ROW_FIELDS = [
+    f for f in PPOBatch.__dataclass_fields__.values() if not f.name.startswith("sft_")
+]
+
+
+def ppo_step(state: TrainState, batch: PPOBatch, key: jax.Array, config: PPOConfig):
+    """E epochs x M shuffled minibatches of clipped PPO updates (see the module docstring).
+
+    Pure: jit it (config static), vmap it over seeds, or call it inside `jax.shard_map` with
+    `config.data_axis` naming the mesh axis the batch is split over. Returns the new state and
+    scalar metrics averaged over all minibatches.
+    """
+    rows = batch.tokens.shape[0]
+
+    def epoch(state, key_e):
+        idx = _minibatch_indices(key_e, rows, config)  # [M, rows / M]
+
+        def minibatch(state, xs):
+            i, m = xs
+            return _minibatch_update(state, batch, i, m, config)
+
+        return jax.lax.scan(minibatch, state, (idx, jnp.arange(config.minibatches)))
+
+    state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, config.epochs))
+    return state, jax.tree.map(jnp.mean, metrics)
