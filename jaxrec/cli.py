@@ -73,6 +73,15 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_update(args: argparse.Namespace) -> int:
+    from jaxrec.bench.update import run
+
+    run(dtypes=args.dtype, rows=args.rows, prompt=args.prompt_len,
+        completion=args.completion_len, epochs=args.epochs, minibatches=args.minibatches,
+        repeats=args.repeats, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrec", description="Fine-tune causal LMs into recommender policies with RLHF-PPO."
@@ -103,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     bgen.add_argument("--no-peer", action="store_true", help="skip transformers' generate")
     bgen.add_argument("--seed", type=int, default=0)
     bgen.set_defaults(func=cmd_bench_generate)
+    bupd = bench_sub.add_parser("update", help="ppo_step FLOP/s vs a bf16 matmul ceiling")
+    bupd.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                      choices=["float32", "bfloat16"])
+    bupd.add_argument("--rows", type=int, default=64)
+    bupd.add_argument("--prompt-len", type=int, default=64)
+    bupd.add_argument("--completion-len", type=int, default=32)
+    bupd.add_argument("--epochs", type=int, default=4)
+    bupd.add_argument("--minibatches", type=int, default=4)
+    bupd.add_argument("--repeats", type=int, default=3)
+    bupd.add_argument("--seed", type=int, default=0)
+    bupd.set_defaults(func=cmd_bench_update)
     return parser
 
 

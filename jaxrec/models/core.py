@@ -14,8 +14,9 @@ from jaxrec.models.transformer import (
     CausalLM,
     KVCache,
     LMOutput,
+    _dense,
     _dtype,
-    _matmul,
+    _tied_logits,
     causal_mask,
     positions_from_valid,
 )
@@ -106,8 +107,8 @@ def project_logits(cfg: ModelConfig, params: dict, hidden: jax.Array) -> jax.Arr
     """
     dt = _dtype(cfg.dtype)
     if cfg.tie_embeddings:
-        return _matmul("btd,vd->btv", hidden, params["embed"], dt)
-    return _matmul("btd,dv->btv", hidden, params["lm_head"]["kernel"], dt)
+        return _tied_logits(hidden, params["embed"], dt)
+    return _dense(hidden, params["lm_head"]["kernel"], 1, dt)
 
 
 def project_values(params: dict, hidden: jax.Array) -> jax.Array:

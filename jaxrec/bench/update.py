@@ -1,0 +1,105 @@
+"""`jaxrec bench update`: achieved FLOP/s of `ppo_step` next to a measured matmul ceiling.
+
+The "small" spec: GPT-2 family, 4 layers, 4 heads, d_model 256, vocab 4096; 64 sequences of
+64 prompt + 32 completion tokens; 4 epochs x 4 minibatches; a policy and a separate value
+network. FLOPs per update = 6 x params x tokens for each network, with every one of the 96
+tokens of every sequence counted once per epoch. The ceiling is a 2048^3 bfloat16 x bfloat16
+-> float32 matrix product timed in the same process. One JSON line per dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.config import PPOConfig
+from jaxrec.models import count_params, gpt2_config, init_params
+from jaxrec.train import PPOBatch, create_train_state, ppo_step
+
+SMALL = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_len=128)
+
+
+def _median(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n^3 bf16 x bf16 -> f32 matrix product (the best case for this chip)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    seconds = _median(lambda: mm(a, b).block_until_ready(), repeats)
+    return 2 * n**3 / seconds
+
+
+def _batch(rows, prompt, completion, vocab, seed):
+    rng = np.random.default_rng(seed)
+    t = prompt + completion
+    action = np.zeros((rows, t), bool)
+    action[:, prompt:] = True
+    f = lambda: rng.normal(size=(rows, t)).astype(np.float32)
+    old_logp = np.where(action, -np.log(vocab), 0.0).astype(np.float32)
+    return PPOBatch(
+        tokens=jnp.asarray(rng.integers(3, vocab, (rows, t)), jnp.int32),
+        valid=jnp.ones((rows, t), bool), action_mask=jnp.asarray(action),
+        old_logp=jnp.asarray(old_logp), ref_logp=jnp.asarray(old_logp),
+        old_values=jnp.zeros((rows, t), jnp.float32),
+        advantages=jnp.asarray(np.where(action, f(), 0)),
+        returns=jnp.asarray(np.where(action, f(), 0)),
+    )
+
+
+def run(dtypes=("float32", "bfloat16"), rows=64, prompt=64, completion=32, epochs=4,
+        minibatches=4, repeats=3, seed=0, print_fn=print) -> list[dict]:
+    ceiling = matmul_ceiling()
+    config = PPOConfig(epochs=epochs, minibatches=minibatches, policy_lr=1e-5, value_lr=1e-5)
+    batch = _batch(rows, prompt, completion, SMALL["vocab_size"], seed)
+    step = jax.jit(ppo_step, static_argnums=3, donate_argnums=0)
+    out = []
+    for dtype in dtypes:
+        model = gpt2_config(**SMALL, dtype=dtype)
+        state = create_train_state(model, config, init_params(model, jax.random.key(seed)))
+        n_params = count_params(state.policy) + count_params(state.value)
+        tokens = rows * (prompt + completion) * epochs
+        flops = 6 * n_params * tokens
+        holder = {"state": state}
+
+        def once(holder=holder):
+            holder["state"], metrics = step(holder["state"], batch, jax.random.key(1), config)
+            jax.block_until_ready(metrics)
+
+        start = time.perf_counter()
+        once()  # compile + first run
+        compile_s = time.perf_counter() - start
+        seconds = _median(once, repeats)
+        row = {
+            "bench": "update",
+            "spec": "small",
+            "dtype": dtype,
+            "rows": rows,
+            "tokens_per_row": prompt + completion,
+            "epochs": epochs,
+            "minibatches": minibatches,
+            "params_policy_plus_value": n_params,
+            "seconds_per_update": seconds,
+            "first_call_seconds": compile_s,
+            "flops_per_sec": flops / seconds,
+            "ceiling_flops_per_sec": ceiling,
+            "fraction_of_ceiling": flops / seconds / ceiling,
+            "backend": jax.default_backend(),
+        }
+        out.append(row)
+        print_fn(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                             for k, v in row.items()}))
+    return out
