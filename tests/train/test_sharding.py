@@ -48,9 +48,9 @@ def _new_state():
     return create_train_state(CFG, PPO, init_params(CFG, jax.random.key(0)))
 
 
-@pytest.mark.parametrize("data, fsdp", [(8, 1), (2, 4)])
-def test_sharded_step_equals_single_device_step(data, fsdp):
-    mesh = make_mesh(data=data, fsdp=fsdp)
+@pytest.mark.parametrize("data, fsdp, tensor", [(8, 1, 1), (2, 4, 1), (4, 1, 2)])
+def test_sharded_step_equals_single_device_step(data, fsdp, tensor):
+    mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
     reference = _new_state()
     ref_step = jax.jit(ppo_step, static_argnums=3)
     ref_cfg = PPO.replace(shuffle_blocks=data)  # the same minibatches as `data` groups

@@ -1,6 +1,8 @@
-"""`jaxrec bench generate` runs and prints one JSON line per dtype (figures are not asserted)."""
+"""The benchmarks run and print JSON lines with their keys (figures are not asserted)."""
 
 import json
+
+import pytest
 
 from jaxrec.cli import main
 
@@ -23,3 +25,13 @@ def test_bench_generate_without_peer(capsys):
                  "--new-tokens", "2", "--repeats", "1", "--no-peer"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert "peer_new_tokens_per_sec" not in row and row["new_tokens_per_sec"] > 0
+
+
+def test_bench_update_prints_flops_and_ceiling(capsys):
+    assert main(["bench", "update", "--dtype", "bfloat16", "--rows", "4", "--prompt-len", "6",
+                 "--completion-len", "2", "--epochs", "1", "--minibatches", "2",
+                 "--repeats", "1"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["dtype"] == "bfloat16" and row["flops_per_sec"] > 0
+    assert row["fraction_of_ceiling"] == pytest.approx(
+        row["flops_per_sec"] / row["ceiling_flops_per_sec"], rel=1e-3)
