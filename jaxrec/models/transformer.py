@@ -11,6 +11,7 @@ embed, heads, kv_heads, head_dim, mlp, vocab); the sharding rules live in train/
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -74,6 +75,51 @@ def causal_mask(valid: jax.Array) -> jax.Array:
     return tril[None] & valid[:, None, :]
 
 
+_CONTRACT = {False: (((1,), (0,)), ((), ())), True: (((1,), (1,)), ((), ()))}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_dot(x: jax.Array, w: jax.Array, w_transposed: bool) -> jax.Array:
+    """x [M, K] . w [K, N] (or w [N, K] transposed) in bfloat16 with float32 accumulation.
+
+    The custom backward casts the float32 cotangent to bfloat16 too, so both backward matmuls
+    also run bf16 x bf16 -> f32: JAX's default transpose would pair an f32 cotangent with a
+    bf16 operand, which XLA runs as a (several times slower) float32 matmul.
+    """
+    return jax.lax.dot_general(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16),
+                               _CONTRACT[w_transposed], preferred_element_type=jnp.float32)
+
+
+def _low_precision_dot_fwd(x, w, w_transposed):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    y = jax.lax.dot_general(xb, wb, _CONTRACT[w_transposed], preferred_element_type=jnp.float32)
+    dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))  # carry the input dtypes
+    return y, (xb, wb, dtypes)
+
+
+def _low_precision_dot_bwd(w_transposed, res, g):
+    xb, wb, (x_dt, w_dt) = res
+    gb = g.astype(jnp.bfloat16)  # [M, N]
+    f32 = jnp.float32
+    if w_transposed:  # y = x w^T with w [N, K]
+        dx = jax.lax.dot_general(gb, wb, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+        dw = jax.lax.dot_general(gb, xb, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    else:  # y = x w with w [K, N]
+        dx = jax.lax.dot_general(gb, wb, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        dw = jax.lax.dot_general(xb, gb, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    return dx.astype(x_dt.dtype), dw.astype(w_dt.dtype)
+
+
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
+
+
+def _dot2d(x: jax.Array, w: jax.Array, dtype, w_transposed: bool = False) -> jax.Array:
+    if dtype == jnp.bfloat16:
+        return _low_precision_dot(x, w, w_transposed)
+    return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), _CONTRACT[w_transposed],
+                               preferred_element_type=jnp.float32)
+
+
 def _dense(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
     """x [..., *w.shape[:n_in]] . w -> [..., *w.shape[n_in:]], float32 accumulation.
 
@@ -82,18 +128,13 @@ def _dense(x: jax.Array, w: jax.Array, n_in: int, dtype) -> jax.Array:
     """
     in_size = math.prod(w.shape[:n_in])
     lead = x.shape[: x.ndim - n_in]
-    y = jnp.dot(x.reshape(-1, in_size).astype(dtype), w.reshape(in_size, -1).astype(dtype),
-                preferred_element_type=jnp.float32)
+    y = _dot2d(x.reshape(-1, in_size), w.reshape(in_size, -1), dtype)
     return y.reshape(*lead, *w.shape[n_in:])
 
 
 def _tied_logits(hidden: jax.Array, embed: jax.Array, dtype) -> jax.Array:
     """hidden [..., D] . embed[V, D]^T -> [..., V] float32, as one 2-D matmul."""
-    d = hidden.shape[-1]
-    y = jax.lax.dot_general(
-        hidden.reshape(-1, d).astype(dtype), embed.astype(dtype), (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32,
-    )
+    y = _dot2d(hidden.reshape(-1, hidden.shape[-1]), embed, dtype, w_transposed=True)
     return y.reshape(*hidden.shape[:-1], embed.shape[0])
 
 
