@@ -15,6 +15,8 @@ _LAZY = {
     "generation": "jaxrec.generation",
     "data": "jaxrec.data",
     "ppo": "jaxrec.ppo",
+    "sim": "jaxrec.sim",
+    "codec": "jaxrec.codec",
     "train": "jaxrec.train",
     "ppo_step": "jaxrec.train",
     "PPOBatch": "jaxrec.train",

@@ -82,6 +82,28 @@ def cmd_bench_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sim(args: argparse.Namespace) -> int:
+    from jaxrec.bench.sim import run
+
+    if args.users < 1 or args.steps < 1 or args.repeats < 1:
+        raise CliError("--users, --steps and --repeats must be positive")
+    overrides = {} if args.batch_rng is None else {"batch_rng": args.batch_rng}
+    run(preset=args.preset, users=args.users, steps=args.steps, repeats=args.repeats,
+        seed=args.seed, key_impl=args.key_impl, **overrides)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxrec.sim.evaluate import simulate
+
+    if args.episodes < 1:
+        raise CliError("--episodes must be positive")
+    print(json.dumps(simulate(args.preset, args.episodes, policy=args.policy, seed=args.seed)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrec", description="Fine-tune causal LMs into recommender policies with RLHF-PPO."
@@ -112,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     bgen.add_argument("--no-peer", action="store_true", help="skip transformers' generate")
     bgen.add_argument("--seed", type=int, default=0)
     bgen.set_defaults(func=cmd_bench_generate)
+    bsim = bench_sub.add_parser("sim", help="simulator user-steps per second (random slates)")
+    bsim.add_argument("--preset", default="recsim-ie", help="simulator preset")
+    bsim.add_argument("--users", type=int, default=10_000)
+    bsim.add_argument("--steps", type=int, default=50)
+    bsim.add_argument("--repeats", type=int, default=5)
+    bsim.add_argument("--seed", type=int, default=0)
+    bsim.add_argument("--key-impl", default="threefry2x32",
+                      choices=["threefry2x32", "rbg", "unsafe_rbg"], help="jax.random key impl")
+    bsim.add_argument("--batch-rng", choices=["threefry", "xla_threefry", "key"],
+                      help="how step_batch draws its words (default: the preset's)")
+    bsim.set_defaults(func=cmd_bench_sim)
+
+    sim = sub.add_parser("simulate", help="episode statistics of a simulator under a policy")
+    sim.add_argument("--preset", default="recsim-ie", help="simulator preset")
+    sim.add_argument("--episodes", type=int, default=10_000)
+    sim.add_argument("--policy", default="random", choices=["random"])
+    sim.add_argument("--seed", type=int, default=0)
+    sim.set_defaults(func=cmd_simulate)
     bupd = bench_sub.add_parser("update", help="ppo_step FLOP/s vs a bf16 matmul ceiling")
     bupd.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
                       choices=["float32", "bfloat16"])
