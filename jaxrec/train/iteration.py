@@ -1,0 +1,137 @@
+"""The one RLHF iteration, compiled once:
+
+    iteration(state, sim_state, key) -> (state, sim_state, metrics)
+
+    rollout        histories -> prompts [B, P] -> constrained generation [B, R] -> slates [B, K]
+                   -> simulator step (reward [B], next users)
+    score          teacher-forced on tokens [B, T = P + R]: policy log-probs at the sampling
+                   temperature, reference log-probs, values
+    shape          score_b = reward_b + penalties (invalid item, missing EOS), optionally
+                   normalised / clipped, placed on the last action token;
+                   r_t = score_t - beta * KL_t on the action tokens
+    GAE            advantages and returns over the action tokens
+    ppo_step       E epochs x M minibatches (see jaxrec.train.step)
+    KL controller  beta <- adaptive or fixed update with the batch's mean KL per sequence
+
+Only scalars leave the jit (`metrics`). State and user states are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrec.codec import ItemCodec
+from jaxrec.config import PPOConfig
+from jaxrec.generation import sequence_scores
+from jaxrec.ppo import (
+    adaptive_kl_update,
+    apply_penalties,
+    clip_scores,
+    fixed_kl_update,
+    gae,
+    last_token_positions,
+    normalize_scores,
+    place_scores,
+    shape_rewards,
+)
+from jaxrec.rollout import Rollout, RolloutSpec, rollout
+from jaxrec.sim import Environment
+from jaxrec.train.state import TrainState
+from jaxrec.train.step import PPOBatch, _values, ppo_step
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSpec:
+    """How a slate's simulator reward becomes the sequence score PPO maximises."""
+
+    invalid_penalty: float = -1.0  # added when any slot of the slate names no valid item
+    missing_eos_penalty: float = -1.0  # added when the completion did not end with EOS
+    normalize: bool = False  # batch-normalise scores to mean 0, std 1
+    clip: float | None = None  # clip scores to [-clip, clip] (after normalising)
+    whiten_rewards: bool = False  # whiten the shaped per-token rewards (mean kept)
+
+
+def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSpec,
+               config: PPOConfig):
+    cfg = state.model
+    tokens = jnp.concatenate([ro.prompt, ro.completion], axis=1)  # [B, T]
+    valid = jnp.concatenate([ro.prompt_valid, ro.completion_mask], axis=1)
+    action = jnp.concatenate([jnp.zeros_like(ro.prompt_valid), ro.completion_mask], axis=1)
+    temperature = spec.temperature if spec.temperature > 0 else 1.0
+    policy = sequence_scores(cfg, state.policy, tokens, valid, temperature=temperature,
+                             shared_value=config.shared_value)
+    values = policy.values if config.shared_value else _values(cfg, state.value, tokens, valid)
+    ref_logp = sequence_scores(cfg, state.frozen["ref"], tokens, valid,
+                               temperature=temperature).logps
+    old_logp = jax.lax.stop_gradient(policy.logps)
+
+    scores = apply_penalties(
+        ro.reward, has_eos=ro.has_eos, valid=jnp.all(ro.item_valid, axis=-1),
+        missing_eos_penalty=score.missing_eos_penalty, invalid_penalty=score.invalid_penalty,
+    )
+    if score.normalize:
+        scores = normalize_scores(scores, clip=score.clip)
+    else:
+        scores = clip_scores(scores, score.clip)
+    last = last_token_positions(action)  # [B]
+    token_scores = place_scores(scores[:, None], last[:, None], tokens.shape[1])
+    rewards, metrics = shape_rewards(token_scores, old_logp, ref_logp, action, state.kl.coef,
+                                     kl_kind=config.kl_kind, whiten=score.whiten_rewards)
+    advantages, returns = gae(rewards, values, action, config.gamma, config.lam)
+    zero = lambda x: jnp.where(action, x, 0.0)
+    batch = PPOBatch(
+        tokens=tokens, valid=valid, action_mask=action, old_logp=zero(old_logp),
+        ref_logp=zero(ref_logp), old_values=zero(values), advantages=advantages,
+        returns=returns,
+    )
+    metrics["reward/score_mean"] = scores.mean()
+    return batch, metrics
+
+
+def build_iteration(
+    config: PPOConfig,
+    spec: RolloutSpec,
+    env: Environment,
+    env_params: Any,
+    codec: ItemCodec,
+    score: ScoreSpec = ScoreSpec(),  # noqa: B008 (frozen dataclass)
+    *,
+    jit: bool = True,
+):
+    """The iteration for one world (simulator, catalogue codec) and one set of settings.
+
+    Returns `iteration(state, sim_state, key) -> (state, sim_state, metrics)`; jitted with the
+    state and user states donated unless `jit=False` (to vmap it over seeds, for instance).
+    """
+
+    def iteration(state: TrainState, sim_state: Any, key: jax.Array):
+        key_rollout, key_update = jax.random.split(key)
+        ro, sim_state = rollout(state.model, state.policy, codec, env, env_params, sim_state,
+                                key_rollout, spec)
+        batch, metrics = _ppo_batch(state, ro, spec, score, config)
+        state, ppo_metrics = ppo_step(state, batch, key_update, config)
+        rows = ro.reward.shape[0]
+        if config.kl_adaptive:
+            kl = adaptive_kl_update(state.kl, metrics["kl/ref"], rows, config.kl_target,
+                                    config.kl_horizon)
+        else:
+            kl = fixed_kl_update(state.kl, metrics["kl/ref"], rows)
+        state = state.replace(kl=kl)
+        f32 = lambda x: jnp.mean(x.astype(jnp.float32))
+        metrics.update(ppo_metrics)
+        metrics.update({
+            "reward/mean": f32(ro.reward),
+            "gen/invalid_item_frac": 1.0 - f32(ro.item_valid),
+            "gen/missing_eos_frac": 1.0 - f32(ro.has_eos),
+            "gen/length_mean": f32(ro.completion_mask.sum(-1)),
+            "sim/click_rate": f32(ro.clicked),
+            "sim/session_end_frac": f32(ro.done),
+            "kl/coef_next": kl.coef,
+        })
+        return state, sim_state, metrics
+
+    return jax.jit(iteration, donate_argnums=(0, 1)) if jit else iteration
