@@ -137,6 +137,6 @@ def run(
                 row["peer_float32_new_tokens_per_sec"] = default
                 row["ratio_vs_peer_float32"] = row["new_tokens_per_sec"] / default
             rows.append(row)
-            print_fn(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+            print_fn(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v
                                  for k, v in row.items()}))
     return rows

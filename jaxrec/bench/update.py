@@ -102,6 +102,6 @@ def run(dtypes=("float32", "bfloat16"), rows=64, prompt=64, completion=32, epoch
             "backend": jax.default_backend(),
         }
         out.append(row)
-        print_fn(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+        print_fn(json.dumps({k: (float(f"{v:.6g}") if isinstance(v, float) else v)
                              for k, v in row.items()}))
     return out
