@@ -166,11 +166,15 @@ class PPOConfig:
     kl_adaptive: bool = True  # Ziegler et al. adaptive controller (False: fixed beta)
     kl_target: float = 6.0  # adaptive controller's target KL per sequence
     kl_horizon: float = 10000.0  # adaptive controller's horizon (samples)
+    action_window: int | None = None  # actions lie only in each row's last W tokens (single-
+    #                                   turn): the LM head and softmax run there only
     shuffle_blocks: int = 1  # rows are shuffled within this many contiguous blocks (set to
     #                          the data-parallel degree to reproduce a sharded run on one device)
     data_axis: str | None = None  # mesh axis name when the step runs inside shard_map
 
     def __post_init__(self):
+        if self.action_window is not None and self.action_window < 1:
+            raise ValueError(f"ppo.action_window={self.action_window} must be >= 1 (or null)")
         for name in ("epochs", "minibatches", "grad_accum", "total_steps", "shuffle_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1")

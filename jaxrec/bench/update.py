@@ -65,7 +65,10 @@ def _batch(rows, prompt, completion, vocab, seed):
 def run(dtypes=("float32", "bfloat16"), rows=64, prompt=64, completion=32, epochs=4,
         minibatches=4, repeats=3, seed=0, print_fn=print) -> list[dict]:
     ceiling = matmul_ceiling()
-    config = PPOConfig(epochs=epochs, minibatches=minibatches, policy_lr=1e-5, value_lr=1e-5)
+    # Actions are the completion (the last tokens of each row): vocabulary log-probs are only
+    # computed there, as in a real iteration. FLOPs are still counted over all tokens.
+    config = PPOConfig(epochs=epochs, minibatches=minibatches, policy_lr=1e-5, value_lr=1e-5,
+                       action_window=completion)
     batch = _batch(rows, prompt, completion, SMALL["vocab_size"], seed)
     step = jax.jit(ppo_step, static_argnums=3, donate_argnums=0)
     out = []
@@ -93,6 +96,7 @@ def run(dtypes=("float32", "bfloat16"), rows=64, prompt=64, completion=32, epoch
             "tokens_per_row": prompt + completion,
             "epochs": epochs,
             "minibatches": minibatches,
+            "action_window": completion,
             "params_policy_plus_value": n_params,
             "seconds_per_update": seconds,
             "first_call_seconds": compile_s,

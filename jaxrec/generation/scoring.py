@@ -90,20 +90,29 @@ def sequence_scores(
     temperature: float = 1.0,
     value_params: dict | None = None,
     shared_value: bool = False,
+    window: int | None = None,
 ) -> SequenceScores:
     """Teacher-forced per-token scores aligned with token positions (what PPO trains on):
-    entry t is about token t, predicted from the hidden state at t - 1."""
-    hidden = forward(cfg, params, tokens, valid, head="none").hidden[:, :-1]  # [B, T-1, D]
-    logps, entropy = token_logps(project_logits(cfg, params, hidden), tokens[:, 1:], temperature)
+    entry t is about token t, predicted from the hidden state at t - 1.
+
+    With `window` W, only the last W tokens are scored (the LM head, its [.., V] softmax and the
+    value head run there only; earlier entries are 0): for single-turn rollouts, whose actions
+    are the completion at the end of each row, this skips the vocabulary work on the prompt.
+    """
+    t = tokens.shape[1]
+    w = t - 1 if window is None else min(int(window), t - 1)
+    hidden = forward(cfg, params, tokens, valid, head="none").hidden[:, t - 1 - w : t - 1]
+    logps, entropy = token_logps(project_logits(cfg, params, hidden), tokens[:, t - w :],
+                                 temperature)  # [B, W]
     values = None
     if shared_value:
         values = project_values(params, hidden)
     elif value_params is not None:
-        v_hidden = forward(cfg, value_params, tokens, valid, head="none").hidden[:, :-1]
-        values = project_values(value_params, v_hidden)
+        v_hidden = forward(cfg, value_params, tokens, valid, head="none").hidden
+        values = project_values(value_params, v_hidden[:, t - 1 - w : t - 1])
 
-    def align(x):  # [B, T-1] -> [B, T], zero at t = 0 and on padding
-        x = jnp.pad(x, ((0, 0), (1, 0)))
+    def align(x):  # [B, W] -> [B, T], zero before the window and on padding
+        x = jnp.pad(x, ((0, 0), (t - w, 0)))
         return jnp.where(valid, x, 0.0)
 
     return SequenceScores(

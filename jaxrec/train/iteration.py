@@ -62,11 +62,12 @@ def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSp
     valid = jnp.concatenate([ro.prompt_valid, ro.completion_mask], axis=1)
     action = jnp.concatenate([jnp.zeros_like(ro.prompt_valid), ro.completion_mask], axis=1)
     temperature = spec.temperature if spec.temperature > 0 else 1.0
+    window = config.action_window
     policy = sequence_scores(cfg, state.policy, tokens, valid, temperature=temperature,
-                             shared_value=config.shared_value)
+                             shared_value=config.shared_value, window=window)
     values = policy.values if config.shared_value else _values(cfg, state.value, tokens, valid)
     ref_logp = sequence_scores(cfg, state.frozen["ref"], tokens, valid,
-                               temperature=temperature).logps
+                               temperature=temperature, window=window).logps
     old_logp = jax.lax.stop_gradient(policy.logps)
 
     scores = apply_penalties(
@@ -106,7 +107,11 @@ def build_iteration(
 
     Returns `iteration(state, sim_state, key) -> (state, sim_state, metrics)`; jitted with the
     state and user states donated unless `jit=False` (to vmap it over seeds, for instance).
+    A single turn's actions are the completion, the last R tokens of each row, so the
+    vocabulary log-probs are computed there only (`action_window` = R unless set).
     """
+    if config.action_window is None:
+        config = config.replace(action_window=spec.max_new_tokens)
 
     def iteration(state: TrainState, sim_state: Any, key: jax.Array):
         key_rollout, key_update = jax.random.split(key)

@@ -92,7 +92,7 @@ def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, co
     cfg, axis = state.model, config.data_axis
     scores = sequence_scores(
         cfg, policy, mb.tokens, mb.valid, temperature=config.temperature,
-        shared_value=config.shared_value,
+        shared_value=config.shared_value, window=config.action_window,
     )
     mask = mb.action_mask
     pg, metrics = policy_loss(

@@ -124,3 +124,15 @@ def test_left_pad_truncates_from_the_left_and_rejects_empty_prompts():
     np.testing.assert_array_equal(valid, [[1, 1, 1], [0, 0, 1]])
     with pytest.raises(ValueError, match="at least one token"):
         left_pad([[1], []])
+
+
+def test_windowed_sequence_scores_equal_the_full_ones_inside_the_window(params):
+    from jaxrec.generation import sequence_scores
+
+    tokens = jax.random.randint(jax.random.key(9), (3, 9), 0, CFG.vocab_size)
+    valid = jnp.ones((3, 9), bool).at[0, :2].set(False)
+    full = sequence_scores(CFG, params, tokens, valid, temperature=0.7)
+    win = sequence_scores(CFG, params, tokens, valid, temperature=0.7, window=4)
+    np.testing.assert_allclose(win.logps[:, -4:], full.logps[:, -4:], atol=1e-5)
+    np.testing.assert_allclose(win.entropy[:, -4:], full.entropy[:, -4:], atol=1e-5)
+    assert float(jnp.abs(win.logps[:, :-4]).max()) == 0.0

@@ -129,3 +129,13 @@ def test_bad_batch_size_and_config_errors():
         PPOConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="ppo.grad_accum=3 must divide ppo.minibatches=4"):
         PPOConfig(minibatches=4, grad_accum=3)
+
+
+def test_action_window_gives_the_same_update_when_actions_are_inside_it():
+    batch = _batch()  # actions are the last 5 of 10 tokens
+    windowed = PPO.replace(action_window=5)
+    full, m_full = step(_state(), batch, jax.random.key(0), PPO)
+    win, m_win = step(_state(), batch, jax.random.key(0), windowed)
+    np.testing.assert_allclose(full.policy["embed"], win.policy["embed"], atol=1e-6)
+    assert float(m_win["ppo/policy_loss"]) == pytest.approx(float(m_full["ppo/policy_loss"]),
+                                                            abs=1e-6)
