@@ -7,7 +7,10 @@ one-line comment; invalid values raise a one-line error naming the key and what 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import pathlib
+import types
+import typing
+from typing import Any, Literal
 
 Family = Literal["gpt2", "llama"]
 
@@ -129,13 +132,15 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 
 def _check_choice(section: str, name: str, value, options):
     if value not in options:
-        raise ValueError(f"{section}.{name}={value!r} is not allowed; choose one of {options}")
+        key = f"{section}.{name}" if section else name
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of {options}")
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """Hyperparameters of the PPO update (`jaxrec.ppo_step`) and of reward shaping."""
 
+    iterations: int = 100  # PPO iterations (rollout + update) a run performs
     epochs: int = 4  # passes over the rollout batch per update
     minibatches: int = 4  # minibatches per epoch (the batch size must divide evenly)
     grad_accum: int = 1  # minibatches whose gradients are accumulated per optimizer step
@@ -175,7 +180,8 @@ class PPOConfig:
     def __post_init__(self):
         if self.action_window is not None and self.action_window < 1:
             raise ValueError(f"ppo.action_window={self.action_window} must be >= 1 (or null)")
-        for name in ("epochs", "minibatches", "grad_accum", "total_steps", "shuffle_blocks"):
+        for name in ("iterations", "epochs", "minibatches", "grad_accum", "total_steps",
+                     "shuffle_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1")
         _check_choice("ppo", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -194,3 +200,239 @@ class PPOConfig:
 
     def replace(self, **changes) -> PPOConfig:
         return dataclasses.replace(self, **changes)
+
+
+STAGES = ("sft", "reward", "ppo")
+DATA_SOURCES = (
+    "synthetic", "movielens-100k", "movielens-1m", "movielens-latest-small", "movielens-20m",
+    "movielens-25m",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where interactions and items come from."""
+
+    source: str = "synthetic"  # 'synthetic' (the embedded world) or a MovieLens release
+    dir: str | None = None  # folder of raw files, e.g. one holding ml-100k/ (None: TFDS)
+    tfds_dir: str | None = None  # tensorflow-datasets data_dir (prepared or to download into)
+    lenient: bool = False  # skip malformed rows (and count them) instead of failing
+
+    def __post_init__(self):
+        _check_choice("data", "source", self.source, DATA_SOURCES)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    """The user simulator the policy is trained against."""
+
+    preset: str = "synthetic"  # 'synthetic' | 'movielens' | 'recsim-ie'
+    n_items: int = 200  # synthetic: catalogue size
+    n_topics: int = 8  # synthetic: topics
+    history_len: int = 8  # items of history each simulated user carries
+    reward: str = "content"  # reward preset: 'content' | 'products' | 'ads'
+    world_seed: int = 0  # seed of the synthetic catalogue (fixed across runs)
+
+    def __post_init__(self):
+        _check_choice("sim", "preset", self.preset, ("synthetic", "movielens", "recsim-ie"))
+        _check_choice("sim", "reward", self.reward, ("content", "products", "ads"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How recommendations are sampled during PPO."""
+
+    users: int = 64  # simulated users per iteration (rows of the rollout batch)
+    slate_size: int = 3  # items per recommendation
+    history_items: int = 4  # most recent history items rendered into the prompt
+    temperature: float = 1.0  # sampling temperature (0: greedy)
+    constrained: bool = True  # decode only real, distinct catalogue items
+    ban_history: bool = True  # never recommend an already consumed item
+
+    def __post_init__(self):
+        for name in ("users", "slate_size", "history_items"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature={self.temperature} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """The policy LM: a checkpoint to start from, or a fresh model of this shape."""
+
+    init: str | None = None  # Hugging Face folder or llama2.c .bin; None: fresh weights
+    family: str = "llama"  # fresh model: 'llama' | 'gpt2'
+    d_model: int = 64  # fresh model: width
+    n_layers: int = 2  # fresh model: decoder blocks
+    n_heads: int = 4  # fresh model: query heads
+    n_kv_heads: int = 2  # fresh model: key/value heads
+    d_ff: int = 128  # fresh model: MLP width
+    dtype: str = "float32"  # compute dtype ('bfloat16': bf16 matmuls, f32 accumulation)
+    cache_dtype: str = "float32"  # KV-cache dtype (bfloat16 on accelerators)
+    remat: bool = False  # rematerialise blocks in the backward pass
+
+    def __post_init__(self):
+        _check_choice("model", "family", self.family, FAMILIES)
+        _check_choice("model", "dtype", self.dtype, DTYPES)
+        _check_choice("model", "cache_dtype", self.cache_dtype, DTYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 10  # save every N iterations (and at the end)
+    keep: int = 3  # checkpoints kept per stage
+
+    def __post_init__(self):
+        for name in ("every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"checkpoint.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; one of them may be -1 (all remaining devices)."""
+
+    data: int = -1  # data parallel: the batch is split, params replicated
+    fsdp: int = 1  # params and optimizer state split along the embedding dimension
+    tensor: int = 1  # heads, MLP columns and the vocabulary split
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run. YAML in (`load_config`), `a.b=c` overrides, strict validation."""
+
+    seed: int = 0  # one seed for everything stochastic in the run
+    stages: tuple[str, ...] = ("ppo",)  # stages to run, in order: 'sft', 'reward', 'ppo'
+    data: DataConfig = DataConfig()
+    sim: SimConfig = SimConfig()
+    model: PolicyConfig = PolicyConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    ppo: PPOConfig = PPOConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        for stage in self.stages:
+            _check_choice("", "stages", stage, STAGES)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _convert(key: str, hint, value):
+    """value (from YAML) -> the field's type, or a one-line error naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(key, arg, value)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise TypeError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TypeError(f"{key} must be a mapping of its settings, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return tuple(_convert(key, item, v) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"unknown config key {prefix}{key!s}; allowed: {', '.join(names)}")
+        kwargs[key] = _convert(prefix + key, hints[key], value)
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
+    """A Config from a plain mapping plus `a.b=c` overrides (values parsed as YAML scalars)."""
+    import yaml
+
+    tree = dict(values or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. ppo.iterations=10")
+        key, raw = item.split("=", 1)
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    return _build(Config, tree)
+
+
+def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML with `yaml.safe_load`, apply overrides, validate. Errors name the file."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"{path}{where}: not valid YAML ({err.__class__.__name__})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of settings")
+    try:
+        return config_from_dict(values, overrides)
+    except (TypeError, ValueError) as err:
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}{err}") from None
+
+
+def dump_config(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
