@@ -44,7 +44,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Handlers named up front, so a new process can read metadata before any restore.
+        handlers = {
+            "arrays": ocp.StandardCheckpointHandler(),
+            "record": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

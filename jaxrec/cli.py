@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -94,13 +95,30 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    import json
-
     from jaxrec.sim.evaluate import simulate
 
     if args.episodes < 1:
         raise CliError("--episodes must be positive")
     print(json.dumps(simulate(args.preset, args.episodes, policy=args.policy, seed=args.seed)))
+    return 0
+
+
+def _run_config(args: argparse.Namespace):
+    from jaxrec.config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jaxrec.train.loop import run_ppo
+
+    config = _run_config(args)
+    stages = ("ppo",) if args.command == "ppo" else config.stages
+    for stage in stages:
+        if stage != "ppo":
+            raise CliError(f"stage {stage!r} is not available yet; this version runs 'ppo'")
+        summary = run_ppo(config, args.workdir)
+        print(json.dumps(summary))
     return 0
 
 
@@ -121,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    for name, text in (("train", "run the stages the config lists"),
+                       ("ppo", "run the PPO stage")):
+        run = sub.add_parser(name, help=text)
+        run.add_argument("--config", help="YAML config (defaults apply where it is silent)")
+        run.add_argument("--workdir", required=True, help="checkpoints, metrics and summary")
+        run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="override a config key, e.g. --set ppo.iterations=10")
+        run.set_defaults(func=cmd_train)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON lines")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

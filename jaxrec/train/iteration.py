@@ -130,8 +130,8 @@ def build_iteration(
         metrics.update(ppo_metrics)
         metrics.update({
             "reward/mean": f32(ro.reward),
-            "gen/invalid_item_frac": 1.0 - f32(ro.item_valid),
-            "gen/missing_eos_frac": 1.0 - f32(ro.has_eos),
+            "gen/invalid_item_frac": f32(~ro.item_valid),
+            "gen/missing_eos_frac": f32(~ro.has_eos),
             "gen/length_mean": f32(ro.completion_mask.sum(-1)),
             "sim/click_rate": f32(ro.clicked),
             "sim/session_end_frac": f32(ro.done),

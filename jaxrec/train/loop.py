@@ -1,0 +1,180 @@
+"""The host loop of the PPO stage: build the world and the policy, iterate, log, checkpoint.
+
+The loop only does I/O: every iteration is one call of the jitted `build_iteration` function.
+The key of iteration i is `fold_in(key(seed), i)`, and the whole state (params, optimizer
+states, KL controller, users, key) is checkpointed, so a run killed at any point and started
+again with the same command continues exactly where its last checkpoint left it.
+
+Work dir layout: DIR/config.yaml (the resolved config), DIR/checkpoints/ppo/<iteration>,
+DIR/metrics.jsonl (one line per iteration with `stage` and `step`), DIR/summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxrec.checkpoint import Checkpointer
+from jaxrec.codec import build_codec
+from jaxrec.config import Config, dump_config
+from jaxrec.data import load_tokenizer, train_bpe_tokenizer
+from jaxrec.models import gpt2_config, init_params, llama_config, load_pretrained
+from jaxrec.rollout import RolloutSpec
+from jaxrec.sim import make_env
+from jaxrec.train.iteration import build_iteration
+from jaxrec.train.state import create_train_state
+
+
+def build_world(config: Config):
+    """(env, env_params, titles) for the configured simulator."""
+    if config.sim.preset != "synthetic" or config.data.source != "synthetic":
+        raise ValueError(
+            f"sim.preset={config.sim.preset!r} with data.source={config.data.source!r}: the PPO "
+            "stage runs on the synthetic world so far ('synthetic' for both)"
+        )
+    env, params = make_env(
+        "synthetic", n_items=config.sim.n_items, n_topics=config.sim.n_topics,
+        slate_size=config.rollout.slate_size, history_len=config.sim.history_len,
+        reward=config.sim.reward, seed=config.sim.world_seed,
+    )
+    return env, params, list(env.titles)
+
+
+def build_tokenizer(config: Config, titles: list[str]):
+    """The policy checkpoint's tokenizer, or a byte-level BPE trained on the titles."""
+    init = config.model.init
+    if init is None:
+        return train_bpe_tokenizer(titles, vocab_size=max(320, 256 + 3 + len(titles)))
+    path = pathlib.Path(init)
+    if path.is_dir():
+        return load_tokenizer(path)
+    for candidate in [path.parent / "tokenizer.bin", *sorted(path.parent.glob("tok*.bin"))]:
+        if candidate.is_file() and candidate != path:
+            return load_tokenizer(candidate)
+    raise FileNotFoundError(f"model.init={init}: no tokenizer beside it")
+
+
+def build_policy(config: Config, tokenizer, max_len: int):
+    """(ModelConfig, params): the checkpoint, or a fresh model sized to the tokenizer."""
+    m = config.model
+    if m.init is not None:
+        cfg, params = load_pretrained(m.init)
+        if cfg.max_len < max_len:
+            raise ValueError(f"model.init={m.init} holds {cfg.max_len} positions; rollouts need "
+                             f"{max_len} (prompt + completion)")
+        cfg = cfg.replace(dtype=m.dtype, cache_dtype=m.cache_dtype, remat=m.remat)
+        return cfg, jax.tree.map(np.asarray, params)
+    make = gpt2_config if m.family == "gpt2" else llama_config
+    shape = dict(vocab_size=tokenizer.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+                 n_heads=m.n_heads, d_ff=m.d_ff, max_len=max_len, dtype=m.dtype,
+                 cache_dtype=m.cache_dtype, remat=m.remat, bos_id=max(tokenizer.bos_id, -1),
+                 eos_id=tokenizer.eos_id, pad_id=max(tokenizer.pad_id, 0))
+    if m.family == "llama":
+        shape["n_kv_heads"] = m.n_kv_heads
+    cfg = make(**shape)
+    return cfg, init_params(cfg, jax.random.key(config.seed))
+
+
+class PPORun:
+    """Everything the PPO stage needs, built once from a Config."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.env, self.env_params, self.titles = build_world(config)
+        self.tokenizer = build_tokenizer(config, self.titles)
+        item_prefix = "" if type(self.tokenizer).__name__ == "Llama2cTokenizer" else " "
+        self.codec = build_codec(self.titles, self.tokenizer, item_prefix=item_prefix)
+        r = config.rollout
+        self.spec = RolloutSpec(
+            slate_size=r.slate_size, prompt_len=self.codec.prompt_len(r.history_items),
+            max_new_tokens=self.codec.slate_len(r.slate_size), temperature=r.temperature,
+            constrained=r.constrained, ban_history=r.ban_history,
+        )
+        max_len = self.spec.prompt_len + self.spec.max_new_tokens
+        self.model, params = build_policy(config, self.tokenizer, max_len)
+        self.ppo = config.ppo if r.temperature == 0 else config.ppo.replace(
+            temperature=r.temperature)
+        self.params = params
+        self.iteration = build_iteration(self.ppo, self.spec, self.env, self.env_params,
+                                         self.codec)
+
+    def initial(self):
+        """(state, users, key) at iteration 0."""
+        key = jax.random.key(self.config.seed)
+        state = create_train_state(self.model, self.ppo, self.params)
+        _, users = self.env.reset_batch(jax.random.fold_in(key, 1 << 20),
+                                        self.config.rollout.users, self.env_params)
+        return state, users, key
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str, Any]:
+    """Run (or resume) the PPO stage in `workdir`; returns the summary."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = dump_config(config)
+    config_path = workdir / "config.yaml"
+    if config_path.exists() and config_path.read_text() != resolved:
+        log(f"note: {config_path} differs from this run's config; it is replaced")
+    config_path.write_text(resolved)
+
+    run = PPORun(config)
+    state, users, key = run.initial()
+    ckpt = Checkpointer(workdir / "checkpoints" / "ppo", keep=config.checkpoint.keep)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, users, key, record = ckpt.restore(None, state, users, key)
+        start = int(record["iteration"])
+        log(f"resuming the ppo stage at iteration {start} from {ckpt.directory}")
+
+    metrics_path = workdir / "metrics.jsonl"
+    kept = _metrics_before(metrics_path, start)
+    first_reward = kept[0]["reward/mean"] if kept else None
+    tokens_per_iter = config.rollout.users * run.spec.max_new_tokens
+    with metrics_path.open("w") as out:
+        for line in kept:
+            out.write(json.dumps(line) + "\n")
+        last = kept[-1] if kept else {}
+        for i in range(start, config.ppo.iterations):
+            tick = time.perf_counter()
+            state, users, metrics = run.iteration(state, users, jax.random.fold_in(key, i))
+            line = {"stage": "ppo", "step": i + 1, **_scalars(metrics)}
+            line["perf/sec_per_iter"] = time.perf_counter() - tick
+            line["perf/tokens_per_s"] = tokens_per_iter / line["perf/sec_per_iter"]
+            out.write(json.dumps(line) + "\n")
+            out.flush()
+            first_reward = line["reward/mean"] if first_reward is None else first_reward
+            last = line
+            log(f"ppo {i + 1}/{config.ppo.iterations}  reward {line['reward/mean']:.3f}  "
+                f"kl {line['kl/ref']:.4f}  beta {line['kl/coef']:.4f}  "
+                f"invalid {line['gen/invalid_item_frac']:.2f}")
+            if (i + 1) % config.checkpoint.every == 0 or i + 1 == config.ppo.iterations:
+                ckpt.save(i + 1, state, users, key, {"iteration": i + 1, "config": resolved})
+    ckpt.wait()
+    ckpt.close()
+    summary = {
+        "stage": "ppo",
+        "iterations": config.ppo.iterations,
+        "reward_first": first_reward,
+        "reward_last": last.get("reward/mean"),
+        "kl_last": last.get("kl/ref"),
+        "invalid_item_frac_last": last.get("gen/invalid_item_frac"),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _metrics_before(path: pathlib.Path, iteration: int) -> list[dict]:
+    """Metric lines of iterations <= `iteration` (a resumed run rewrites the rest)."""
+    if not path.exists():
+        return []
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [x for x in lines if x.get("stage") != "ppo" or x["step"] <= iteration]
