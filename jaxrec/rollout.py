@@ -48,9 +48,25 @@ class Rollout:
     items: jax.Array  # [B, K] int32 catalogue ids, -1 where the completion named none
     item_valid: jax.Array  # [B, K] bool
     has_eos: jax.Array  # [B] bool, the completion ended with EOS
+    allowed: jax.Array | None  # [B, R, V] bool, the tokens the constraint allowed at each step
     reward: jax.Array  # [B] float32 simulator reward for the slate
     done: jax.Array  # [B] bool, the session ended (the user was replaced: auto-reset)
     clicked: jax.Array  # [B] bool
+
+
+def replay_allowed(constraint, tokens: jax.Array) -> jax.Array:
+    """The constraint's allowed-token masks along generated tokens [B, R] -> [B, R, V] bool.
+
+    Teacher-forced scoring needs the distribution that was sampled: the policy's, renormalised
+    over these tokens (unconstrained log-probs would let the KL penalty reward moving mass onto
+    tokens the constraint never lets out).
+    """
+
+    def step(cstate, token):
+        return constraint.update(cstate, token), constraint.allowed(cstate)
+
+    _, allowed = jax.lax.scan(step, constraint.init(tokens.shape[0]), tokens.T)  # [R, B, V]
+    return jnp.swapaxes(allowed, 0, 1)
 
 
 def rollout(
@@ -77,6 +93,7 @@ def rollout(
                    eos_id=int(codec.eos_id))
     items, item_valid = decode_slate(codec, out.tokens, out.mask, spec.slate_size, banned)
     _, next_state, reward, done, info = env.step_batch(key_sim, sim_state, items, env_params)
+    allowed = None if constraint is None else replay_allowed(constraint, out.tokens)
     rows = jnp.arange(out.tokens.shape[0])
     last = jnp.maximum(out.lengths - 1, 0)
     has_eos = (out.lengths > 0) & (out.tokens[rows, last] == codec.eos_id)
@@ -89,6 +106,7 @@ def rollout(
         items=items,
         item_valid=item_valid,
         has_eos=has_eos,
+        allowed=allowed,
         reward=reward.astype(jnp.float32),
         done=done,
         clicked=info["response"].clicked,

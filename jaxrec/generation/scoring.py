@@ -31,11 +31,19 @@ def _completion_hidden(cfg, params, prompt, prompt_valid, completion, completion
     return hidden[:, p - 1 : p - 1 + r]
 
 
-def token_logps(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0):
-    """logits [B, R, V], tokens [B, R] -> (log-probs [B, R], entropy [B, R]) at a temperature."""
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+def token_logps(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0,
+                allowed: jax.Array | None = None):
+    """logits [B, R, V], tokens [B, R] -> (log-probs [B, R], entropy [B, R]) at a temperature.
+
+    With `allowed` [B, R, V] bool, the distribution is renormalised over the allowed tokens:
+    the one constrained decoding actually sampled from.
+    """
+    scaled = logits.astype(jnp.float32) / temperature
+    if allowed is not None:
+        scaled = jnp.where(allowed, scaled, -1e30)
+    logprobs = jax.nn.log_softmax(scaled, axis=-1)
     picked = jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
+    entropy = -jnp.sum(jnp.where(logprobs > -1e29, jnp.exp(logprobs) * logprobs, 0.0), axis=-1)
     return picked, entropy
 
 
@@ -91,6 +99,7 @@ def sequence_scores(
     value_params: dict | None = None,
     shared_value: bool = False,
     window: int | None = None,
+    allowed: jax.Array | None = None,
 ) -> SequenceScores:
     """Teacher-forced per-token scores aligned with token positions (what PPO trains on):
     entry t is about token t, predicted from the hidden state at t - 1.
@@ -98,12 +107,16 @@ def sequence_scores(
     With `window` W, only the last W tokens are scored (the LM head, its [.., V] softmax and the
     value head run there only; earlier entries are 0): for single-turn rollouts, whose actions
     are the completion at the end of each row, this skips the vocabulary work on the prompt.
+    `allowed` [B, W, V] bool (needs `window`) renormalises each scored distribution over the
+    tokens constrained decoding allowed at that step.
     """
+    if allowed is not None and window is None:
+        raise ValueError("sequence_scores: `allowed` masks need `window` (the scored tokens)")
     t = tokens.shape[1]
     w = t - 1 if window is None else min(int(window), t - 1)
     hidden = forward(cfg, params, tokens, valid, head="none").hidden[:, t - 1 - w : t - 1]
     logps, entropy = token_logps(project_logits(cfg, params, hidden), tokens[:, t - w :],
-                                 temperature)  # [B, W]
+                                 temperature, allowed)  # [B, W]
     values = None
     if shared_value:
         values = project_values(params, hidden)

@@ -64,10 +64,11 @@ def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSp
     temperature = spec.temperature if spec.temperature > 0 else 1.0
     window = config.action_window
     policy = sequence_scores(cfg, state.policy, tokens, valid, temperature=temperature,
-                             shared_value=config.shared_value, window=window)
+                             shared_value=config.shared_value, window=window,
+                             allowed=ro.allowed)
     values = policy.values if config.shared_value else _values(cfg, state.value, tokens, valid)
     ref_logp = sequence_scores(cfg, state.frozen["ref"], tokens, valid,
-                               temperature=temperature, window=window).logps
+                               temperature=temperature, window=window, allowed=ro.allowed).logps
     old_logp = jax.lax.stop_gradient(policy.logps)
 
     scores = apply_penalties(
@@ -87,7 +88,7 @@ def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSp
     batch = PPOBatch(
         tokens=tokens, valid=valid, action_mask=action, old_logp=zero(old_logp),
         ref_logp=zero(ref_logp), old_values=zero(values), advantages=advantages,
-        returns=returns,
+        returns=returns, allowed=ro.allowed,
     )
     metrics["reward/score_mean"] = scores.mean()
     return batch, metrics
@@ -112,6 +113,11 @@ def build_iteration(
     """
     if config.action_window is None:
         config = config.replace(action_window=spec.max_new_tokens)
+    if spec.constrained and config.action_window != spec.max_new_tokens:
+        raise ValueError(
+            f"ppo.action_window={config.action_window} must equal the completion length "
+            f"{spec.max_new_tokens} with constrained decoding (its masks cover the completion)"
+        )
 
     def iteration(state: TrainState, sim_state: Any, key: jax.Array):
         key_rollout, key_update = jax.random.split(key)

@@ -49,6 +49,8 @@ class PPOBatch:
     old_values: jax.Array  # [B, T] float32 values at rollout time
     advantages: jax.Array  # [B, T] float32 GAE advantages
     returns: jax.Array  # [B, T] float32 GAE returns
+    allowed: jax.Array | None = None  # [B, W, V] bool, constrained decoding's allowed tokens
+    #                                   on the action window (needs config.action_window = W)
     sft_tokens: jax.Array | None = None  # [Bs, Ts] int32 supervised rows for PPO-ptx
     sft_mask: jax.Array | None = None  # [Bs, Ts] bool, tokens whose NLL counts (not the prompt)
 
@@ -92,7 +94,7 @@ def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, co
     cfg, axis = state.model, config.data_axis
     scores = sequence_scores(
         cfg, policy, mb.tokens, mb.valid, temperature=config.temperature,
-        shared_value=config.shared_value, window=config.action_window,
+        shared_value=config.shared_value, window=config.action_window, allowed=mb.allowed,
     )
     mask = mb.action_mask
     pg, metrics = policy_loss(

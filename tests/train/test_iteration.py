@@ -96,3 +96,26 @@ def test_iteration_is_pure_under_vmap_over_seeds(world):
     s1, _, m1 = single(one_state, one_users, keys[1])
     np.testing.assert_allclose(out_states.policy["embed"][1], s1.policy["embed"], atol=1e-5)
     assert float(metrics["reward/mean"][1]) == pytest.approx(float(m1["reward/mean"]), abs=1e-6)
+
+
+def test_teacher_forced_logps_under_the_constraint_equal_the_behaviour_logps(world):
+    """Scoring renormalises over the tokens the constraint allowed: the sampled distribution."""
+    from jaxrec.generation import sequence_scores
+
+    env, params, codec, spec, cfg = world
+    state, users = _start(world)
+    ro, _ = jax.jit(rollout, static_argnums=(0, 3, 7))(
+        cfg, state.policy, codec, env, params, users, jax.random.key(3), spec)
+    tokens = jnp.concatenate([ro.prompt, ro.completion], axis=1)
+    valid = jnp.concatenate([ro.prompt_valid, ro.completion_mask], axis=1)
+    r = spec.max_new_tokens
+    scored = sequence_scores(cfg, state.policy, tokens, valid, temperature=spec.temperature,
+                             window=r, allowed=ro.allowed)
+    m = np.asarray(ro.completion_mask)
+    np.testing.assert_allclose(np.asarray(scored.logps[:, -r:])[m],
+                               np.asarray(ro.behaviour_logp)[m], atol=2e-4)
+    # Unconstrained scoring of the same tokens gives lower log-probs (mass on masked tokens).
+    free = sequence_scores(cfg, state.policy, tokens, valid, temperature=spec.temperature,
+                           window=r)
+    free_total = float(np.asarray(free.logps[:, -r:])[m].sum())
+    assert free_total < float(np.asarray(ro.behaviour_logp)[m].sum())
