@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.bench.timing import median_seconds
 from jaxrec.generation import Temperature, generate_jit
 from jaxrec.models import gpt2_config, init_params, save_pretrained
 
 SMALL = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_len=256)
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles on our side)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _ours(cfg, params, prompt, valid, new_tokens, repeats, seed) -> dict:
@@ -43,8 +32,8 @@ def _ours(cfg, params, prompt, valid, new_tokens, repeats, seed) -> dict:
                            max_new_tokens=n, eos_id=-1)
         return jax.block_until_ready(out.tokens)
 
-    total = _median_seconds(lambda: run(new_tokens), repeats)
-    prefill = _median_seconds(lambda: run(1), repeats)  # prefill + the first sample
+    total = median_seconds(lambda: run(new_tokens), repeats)
+    prefill = median_seconds(lambda: run(1), repeats)  # prefill + the first sample
     b = prompt.shape[0]
     return {
         "new_tokens_per_sec": b * new_tokens / total,
@@ -81,7 +70,7 @@ def _peer(folder, dtype, prompt, new_tokens, repeats, seed) -> dict | None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    seconds = _median_seconds(run, repeats)
+    seconds = median_seconds(run, repeats)
     return {
         "peer": f"transformers {transformers.__version__} generate (torch {torch.__version__})",
         "peer_dtype": dtype,

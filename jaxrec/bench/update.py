@@ -10,28 +10,18 @@ tokens of every sequence counted once per epoch. The ceiling is a 2048^3 bfloat1
 from __future__ import annotations
 
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrec.bench.timing import median_seconds
 from jaxrec.config import PPOConfig
 from jaxrec.models import count_params, gpt2_config, init_params
 from jaxrec.train import PPOBatch, create_train_state, ppo_step
 
 SMALL = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_len=128)
-
-
-def _median(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_ceiling(n: int | None = None, repeats: int = 5) -> float:
@@ -41,7 +31,7 @@ def matmul_ceiling(n: int | None = None, repeats: int = 5) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    seconds = _median(lambda: mm(a, b).block_until_ready(), repeats)
+    seconds = median_seconds(lambda: mm(a, b).block_until_ready(), repeats)
     return 2 * n**3 / seconds
 
 
@@ -87,7 +77,7 @@ def run(dtypes=("float32", "bfloat16"), rows=64, prompt=64, completion=32, epoch
         start = time.perf_counter()
         once()  # compile + first run
         compile_s = time.perf_counter() - start
-        seconds = _median(once, repeats)
+        seconds = median_seconds(once, repeats)
         row = {
             "bench": "update",
             "spec": "small",

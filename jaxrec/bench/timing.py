@@ -1,0 +1,18 @@
+"""Timing helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `fn()` over `repeats` calls, after one untimed warm-up call
+    (which absorbs compilation). `fn` must block until its work is done."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
