@@ -176,6 +176,8 @@ class PPOConfig:
     shuffle_blocks: int = 1  # rows are shuffled within this many contiguous blocks (set to
     #                          the data-parallel degree to reproduce a sharded run on one device)
     data_axis: str | None = None  # mesh axis name when the step runs inside shard_map
+    max_bad_iterations: int = 3  # stop after this many consecutive iterations whose every
+    #                              update was skipped for a non-finite gradient
 
     def __post_init__(self):
         if self.action_window is not None and self.action_window < 1:

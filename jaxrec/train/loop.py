@@ -143,6 +143,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
         for line in kept:
             out.write(json.dumps(line) + "\n")
         last = kept[-1] if kept else {}
+        bad = 0
         for i in range(start, config.ppo.iterations):
             tick = time.perf_counter()
             state, users, metrics = run.iteration(state, users, jax.random.fold_in(key, i))
@@ -151,6 +152,12 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
             line["perf/tokens_per_s"] = tokens_per_iter / line["perf/sec_per_iter"]
             out.write(json.dumps(line) + "\n")
             out.flush()
+            bad = bad + 1 if line["ppo/skipped"] == 1.0 else 0
+            if bad >= config.ppo.max_bad_iterations:
+                raise FloatingPointError(
+                    f"ppo: {bad} consecutive iterations had only non-finite gradients "
+                    f"(iteration {i + 1}); stopping without checkpointing them"
+                )
             first_reward = line["reward/mean"] if first_reward is None else first_reward
             last = line
             log(f"ppo {i + 1}/{config.ppo.iterations}  reward {line['reward/mean']:.3f}  "

@@ -157,8 +157,19 @@ def _minibatch_update(state: TrainState, batch: PPOBatch, idx, m, config: PPOCon
         metrics.update(m_vf)
         metrics["ppo/value_grad_norm"] = optax.tree.norm(v_grads)
         value, value_opt = _apply(state.value_tx, v_grads, state.value_opt, state.value)
-    state = state.replace(policy=policy, value=value, policy_opt=policy_opt,
-                          value_opt=value_opt, step=state.step + 1)
+    # NaN/Inf guard: a minibatch whose gradient norms are not finite leaves the params and
+    # optimizer states as they were (the norms are of the summed gradients, so every device
+    # of a data-parallel step takes the same decision); it is counted in ppo/skipped.
+    finite = jnp.isfinite(metrics["ppo/policy_grad_norm"])
+    if not config.shared_value:
+        finite &= jnp.isfinite(metrics["ppo/value_grad_norm"])
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    state = state.replace(
+        policy=keep(policy, state.policy), value=keep(value, state.value),
+        policy_opt=keep(policy_opt, state.policy_opt), value_opt=keep(value_opt, state.value_opt),
+        step=state.step + finite.astype(jnp.int32),
+    )
+    metrics["ppo/skipped"] = 1.0 - finite.astype(jnp.float32)
     if axis is not None:
         metrics = _global_metrics(metrics, mask, axis)
     return state, metrics
@@ -174,7 +185,7 @@ def _global_metrics(metrics: dict, mask, axis) -> dict:
     for name, value in metrics.items():
         if name.endswith("loss"):
             out[name] = jax.lax.psum(value, axis)
-        elif name.endswith("grad_norm"):
+        elif name.endswith("grad_norm") or name == "ppo/skipped":
             out[name] = jax.lax.pmean(value, axis)
         else:
             out[name] = jax.lax.psum(value * local, axis) / total

@@ -139,3 +139,20 @@ def test_action_window_gives_the_same_update_when_actions_are_inside_it():
     np.testing.assert_allclose(full.policy["embed"], win.policy["embed"], atol=1e-6)
     assert float(m_win["ppo/policy_loss"]) == pytest.approx(float(m_full["ppo/policy_loss"]),
                                                             abs=1e-6)
+
+
+def test_non_finite_gradients_skip_the_update_and_are_counted():
+    state = _state()
+    batch = _batch()
+    poisoned = batch.replace(advantages=batch.advantages.at[0, 6].set(jnp.nan))
+    new, metrics = step(state, poisoned, jax.random.key(0), PPO.replace(whiten_advantages=False))
+    assert float(metrics["ppo/skipped"]) > 0.0
+    # Minibatches holding the NaN row were skipped; the params stay finite either way.
+    for leaf in jax.tree.leaves(new.policy):
+        assert np.isfinite(np.asarray(leaf)).all()
+    assert int(new.step) < PPO.epochs * PPO.minibatches
+    all_bad = batch.replace(advantages=jnp.full_like(batch.advantages, jnp.nan))
+    new, metrics = step(state, all_bad, jax.random.key(0), PPO)
+    assert float(metrics["ppo/skipped"]) == 1.0 and int(new.step) == 0
+    for a, b in zip(jax.tree.leaves(state.policy), jax.tree.leaves(new.policy), strict=True):
+        np.testing.assert_array_equal(a, b)
