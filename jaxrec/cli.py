@@ -122,6 +122,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from jaxrec.train.report import write_plots
+
+    for path in write_plots(args.workdir, args.stage):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxrec", description="Fine-tune causal LMs into recommender policies with RLHF-PPO."
@@ -148,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override a config key, e.g. --set ppo.iterations=10")
         run.set_defaults(func=cmd_train)
+
+    plot = sub.add_parser("plot", help="redraw DIR/plots/*.png from DIR/metrics.jsonl")
+    plot.add_argument("--workdir", required=True)
+    plot.add_argument("--stage", default="ppo")
+    plot.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON lines")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -6,7 +6,8 @@ states, KL controller, users, key) is checkpointed, so a run killed at any point
 again with the same command continues exactly where its last checkpoint left it.
 
 Work dir layout: DIR/config.yaml (the resolved config), DIR/checkpoints/ppo/<iteration>,
-DIR/metrics.jsonl (one line per iteration with `stage` and `step`), DIR/summary.json.
+DIR/metrics.jsonl (one line per iteration with `stage` and `step`), DIR/tb/ (TensorBoard),
+DIR/plots/*.png, DIR/summary.json.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from jaxrec.models import gpt2_config, init_params, llama_config, load_pretraine
 from jaxrec.rollout import RolloutSpec
 from jaxrec.sim import make_env
 from jaxrec.train.iteration import build_iteration
+from jaxrec.train.report import TensorBoard, write_plots
 from jaxrec.train.state import create_train_state
 
 
@@ -139,6 +141,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     kept = _metrics_before(metrics_path, start)
     first_reward = kept[0]["reward/mean"] if kept else None
     tokens_per_iter = config.rollout.users * run.spec.max_new_tokens
+    board = TensorBoard(workdir)
     with metrics_path.open("w") as out:
         for line in kept:
             out.write(json.dumps(line) + "\n")
@@ -152,6 +155,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
             line["perf/tokens_per_s"] = tokens_per_iter / line["perf/sec_per_iter"]
             out.write(json.dumps(line) + "\n")
             out.flush()
+            board.write(line)
             bad = bad + 1 if line["ppo/skipped"] == 1.0 else 0
             if bad >= config.ppo.max_bad_iterations:
                 raise FloatingPointError(
@@ -167,6 +171,8 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
                 ckpt.save(i + 1, state, users, key, {"iteration": i + 1, "config": resolved})
     ckpt.wait()
     ckpt.close()
+    board.close()
+    write_plots(workdir, "ppo")
     summary = {
         "stage": "ppo",
         "iterations": config.ppo.iterations,

@@ -50,6 +50,12 @@ def test_ppo_stage_writes_its_outputs(tmp_path):
     assert summary["iterations"] == 2 and summary["reward_last"] == lines[-1]["reward/mean"]
     assert load_config(tmp_path / "config.yaml").ppo.iterations == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "ppo").iterdir()) == ["1", "2"]
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["kl.png", "return.png", "reward.png", "reward_vs_kl.png"]
+    assert any((tmp_path / "tb").iterdir())  # TensorBoard event file
+    (tmp_path / "plots" / "reward.png").unlink()
+    assert main(["plot", "--workdir", str(tmp_path)]) == 0
+    assert (tmp_path / "plots" / "reward.png").stat().st_size > 1000
 
 
 def test_a_stopped_run_resumes_to_the_same_result(tmp_path):
