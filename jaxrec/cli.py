@@ -122,6 +122,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_ppo(args: argparse.Namespace) -> int:
+    from jaxrec.bench.ppo import run
+
+    run(dtypes=args.dtype, users=args.users, prompt_len=args.prompt_len,
+        response_len=args.response_len, epochs=args.epochs, minibatches=args.minibatches,
+        repeats=args.repeats, seed=args.seed)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from jaxrec.train.report import write_plots
 
@@ -192,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy", default="random", choices=["random"])
     sim.add_argument("--seed", type=int, default=0)
     sim.set_defaults(func=cmd_simulate)
+    bppo = bench_sub.add_parser("ppo", help="seconds per RLHF iteration: generate/score/update")
+    bppo.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
+                      choices=["float32", "bfloat16"])
+    bppo.add_argument("--users", type=int, default=64)
+    bppo.add_argument("--prompt-len", type=int, default=64)
+    bppo.add_argument("--response-len", type=int, default=32)
+    bppo.add_argument("--epochs", type=int, default=4)
+    bppo.add_argument("--minibatches", type=int, default=4)
+    bppo.add_argument("--repeats", type=int, default=3)
+    bppo.add_argument("--seed", type=int, default=0)
+    bppo.set_defaults(func=cmd_bench_ppo)
     bupd = bench_sub.add_parser("update", help="ppo_step FLOP/s vs a bf16 matmul ceiling")
     bupd.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
                       choices=["float32", "bfloat16"])
