@@ -19,6 +19,7 @@ _LAZY = {
     "codec": "jaxrec.codec",
     "train": "jaxrec.train",
     "ppo_step": "jaxrec.train",
+    "make_iteration": "jaxrec.train",
     "PPOBatch": "jaxrec.train",
     "TrainState": "jaxrec.train",
     "create_train_state": "jaxrec.train",

@@ -114,6 +114,30 @@ class PPORun:
         return state, users, key
 
 
+class Iteration:
+    """`make_iteration(config)`: the compiled RLHF iteration of a run, plus its starting point.
+
+        iteration = make_iteration(config)
+        state, sim_state, key = iteration.initial()
+        state, sim_state, metrics = iteration(state, sim_state, jax.random.fold_in(key, 0))
+    """
+
+    def __init__(self, config: Config):
+        self.run = PPORun(config)
+        self.jitted = self.run.iteration
+
+    def __call__(self, state, sim_state, key):
+        return self.jitted(state, sim_state, key)
+
+    def initial(self):
+        return self.run.initial()
+
+
+def make_iteration(config: Config) -> Iteration:
+    """The pure iteration for a Config (state and user states donated; see build_iteration)."""
+    return Iteration(config)
+
+
 def _scalars(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 

@@ -88,3 +88,14 @@ def test_demo_config_improves_the_mean_reward(tmp_path):
     first, last = np.mean(rewards[:10]), np.mean(rewards[-10:])
     assert last > first + 0.1, (first, last)
     assert all(x["gen/invalid_item_frac"] == 0.0 for x in _lines(tmp_path))
+
+
+def test_make_iteration_from_a_config():
+    import jaxrec
+
+    config = load_config(None, [x for x in TINY if not x.startswith("checkpoint")])
+    iteration = jaxrec.make_iteration(config)
+    state, users, key = iteration.initial()
+    state, users, metrics = iteration(state, users, jax.random.fold_in(key, 0))
+    assert float(metrics["gen/invalid_item_frac"]) == 0.0
+    assert int(state.step) == config.ppo.epochs * config.ppo.minibatches
