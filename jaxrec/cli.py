@@ -119,6 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CliError(f"stage {stage!r} is not available yet; this version runs 'ppo'")
         summary = run_ppo(config, args.workdir)
         print(json.dumps(summary))
+        if summary.get("interrupted"):
+            return 128 + int(getattr(__import__("signal"), summary["interrupted"]))
     return 0
 
 

@@ -12,8 +12,11 @@ DIR/plots/*.png, DIR/summary.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -142,6 +145,26 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+@contextlib.contextmanager
+def _stop_requests():
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each iteration (so the run
+    saves a checkpoint and stops cleanly); handlers are restored afterwards."""
+    requested: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str, Any]:
     """Run (or resume) the PPO stage in `workdir`; returns the summary."""
     workdir = pathlib.Path(workdir)
@@ -166,7 +189,8 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     first_reward = kept[0]["reward/mean"] if kept else None
     tokens_per_iter = config.rollout.users * run.spec.max_new_tokens
     board = TensorBoard(workdir)
-    with metrics_path.open("w") as out:
+    interrupted = None
+    with _stop_requests() as stop, metrics_path.open("w") as out:
         for line in kept:
             out.write(json.dumps(line) + "\n")
         last = kept[-1] if kept else {}
@@ -191,14 +215,20 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
             log(f"ppo {i + 1}/{config.ppo.iterations}  reward {line['reward/mean']:.3f}  "
                 f"kl {line['kl/ref']:.4f}  beta {line['kl/coef']:.4f}  "
                 f"invalid {line['gen/invalid_item_frac']:.2f}")
-            if (i + 1) % config.checkpoint.every == 0 or i + 1 == config.ppo.iterations:
+            final = i + 1 == config.ppo.iterations
+            if (i + 1) % config.checkpoint.every == 0 or final or stop["signal"] is not None:
                 ckpt.save(i + 1, state, users, key, {"iteration": i + 1, "config": resolved})
+            if stop["signal"] is not None and not final:
+                interrupted = signal.Signals(stop["signal"]).name
+                log(f"{interrupted}: saved iteration {i + 1}; rerun the command to resume")
+                break
     ckpt.wait()
     ckpt.close()
     board.close()
     write_plots(workdir, "ppo")
     summary = {
         "stage": "ppo",
+        "interrupted": interrupted,
         "iterations": config.ppo.iterations,
         "reward_first": first_reward,
         "reward_last": last.get("reward/mean"),

@@ -99,3 +99,58 @@ def test_make_iteration_from_a_config():
     state, users, metrics = iteration(state, users, jax.random.fold_in(key, 0))
     assert float(metrics["gen/invalid_item_frac"]) == 0.0
     assert int(state.step) == config.ppo.epochs * config.ppo.minibatches
+
+
+def _spawn(workdir, iterations):
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "jaxrec", "ppo", "--workdir", str(workdir), "--set",
+            f"ppo.iterations={iterations}"]
+    for item in TINY:
+        argv += ["--set", item]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_lines(workdir, n, proc, timeout=300):
+    import time
+
+    path = workdir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach {n} iterations (exit {proc.poll()})")
+
+
+def test_sigkill_then_the_same_command_gives_the_uninterrupted_run(tmp_path):
+    import signal
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _run(straight, 5)
+    proc = _spawn(killed, 5)
+    _wait_for_lines(killed, 2, proc)
+    proc.send_signal(signal.SIGKILL)  # at whatever point it has reached
+    proc.wait()
+    _run(killed, 5)  # the same command again
+    assert _lines(killed) == _lines(straight)
+    a, _ = _final_state(straight)
+    b, _ = _final_state(killed)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    import signal
+
+    proc = _spawn(tmp_path, 200)
+    _wait_for_lines(tmp_path, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    lines = _lines(tmp_path)
+    assert len(lines) < 200
+    ckpt = Checkpointer(tmp_path / "checkpoints" / "ppo", keep=5)
+    assert ckpt.latest_step() == lines[-1]["step"]  # the last finished iteration was saved
+    ckpt.close()
+    assert json.loads((tmp_path / "summary.json").read_text())["interrupted"] == "SIGTERM"
