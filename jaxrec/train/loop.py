@@ -36,25 +36,52 @@ from jaxrec.train.state import create_train_state
 
 
 def build_world(config: Config):
-    """(env, env_params, titles) for the configured simulator."""
-    if config.sim.preset != "synthetic" or config.data.source != "synthetic":
+    """(env, env_params, titles, years) for the configured simulator."""
+    sim, data = config.sim, config.data
+    if sim.preset == "movielens":
+        if data.source == "synthetic":
+            raise ValueError("sim.preset='movielens' needs data.source='movielens-...' (and "
+                             "data.dir for raw files or data.tfds_dir for tensorflow-datasets)")
+        return _movielens_world(config)
+    if sim.preset != "synthetic" or data.source != "synthetic":
         raise ValueError(
-            f"sim.preset={config.sim.preset!r} with data.source={config.data.source!r}: the PPO "
-            "stage runs on the synthetic world so far ('synthetic' for both)"
+            f"sim.preset={sim.preset!r} with data.source={data.source!r}: the PPO stage runs "
+            "'synthetic' with 'synthetic', or 'movielens' with a MovieLens source"
         )
     env, params = make_env(
         "synthetic", n_items=config.sim.n_items, n_topics=config.sim.n_topics,
         slate_size=config.rollout.slate_size, history_len=config.sim.history_len,
         reward=config.sim.reward, seed=config.sim.world_seed,
     )
-    return env, params, list(env.titles)
+    return env, params, list(env.titles), None
+
+
+def _movielens_world(config: Config):
+    """Users calibrated to the chronological training split of a MovieLens release."""
+    from jaxrec.data import leave_one_out, load_movielens
+
+    data = config.data
+    ratings = load_movielens(data.source, data_dir=data.dir, tfds_dir=data.tfds_dir,
+                             lenient=data.lenient)
+    train = leave_one_out(ratings).train
+    items = ratings.items
+    env, params = make_env(
+        "movielens", users=ratings.user[train], items=ratings.item[train],
+        ratings=ratings.rating[train], timestamps=ratings.timestamp[train],
+        n_users=len(ratings.user_ids), n_items=len(items.ids), genres=items.genres,
+        titles=[str(t) for t in items.clean_title], slate_size=config.rollout.slate_size,
+        history_len=config.sim.history_len, reward=config.sim.reward,
+        seed=config.sim.world_seed,
+    )
+    years = [int(y) if y > 0 else None for y in items.year]
+    return env, params, [str(t) for t in items.clean_title], years
 
 
 def build_tokenizer(config: Config, titles: list[str]):
     """The policy checkpoint's tokenizer, or a byte-level BPE trained on the titles."""
     init = config.model.init
-    if init is None:
-        return train_bpe_tokenizer(titles, vocab_size=max(320, 256 + 3 + len(titles)))
+    if init is None:  # a small byte-level BPE of the catalogue's own titles
+        return train_bpe_tokenizer(titles, vocab_size=min(max(320, 256 + 3 + len(titles)), 4096))
     path = pathlib.Path(init)
     if path.is_dir():
         return load_tokenizer(path)
@@ -90,10 +117,11 @@ class PPORun:
 
     def __init__(self, config: Config):
         self.config = config
-        self.env, self.env_params, self.titles = build_world(config)
+        self.env, self.env_params, self.titles, years = build_world(config)
         self.tokenizer = build_tokenizer(config, self.titles)
         item_prefix = "" if type(self.tokenizer).__name__ == "Llama2cTokenizer" else " "
-        self.codec = build_codec(self.titles, self.tokenizer, item_prefix=item_prefix)
+        self.codec = build_codec(self.titles, self.tokenizer, years=years,
+                                 item_prefix=item_prefix)
         r = config.rollout
         self.spec = RolloutSpec(
             slate_size=r.slate_size, prompt_len=self.codec.prompt_len(r.history_items),

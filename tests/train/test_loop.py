@@ -154,3 +154,26 @@ def test_sigterm_saves_and_stops(tmp_path):
     assert ckpt.latest_step() == lines[-1]["step"]  # the last finished iteration was saved
     ckpt.close()
     assert json.loads((tmp_path / "summary.json").read_text())["interrupted"] == "SIGTERM"
+
+
+def test_every_shipped_config_is_valid():
+    import pathlib
+
+    configs = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"demo.yaml", "movielens-100k.yaml", "ml1m-gpu.yaml",
+                                          "ml1m-tpu-v5e-8.yaml"}
+    for path in configs:
+        load_config(path)
+
+
+def test_ppo_on_real_movielens_100k(tmp_path, shared_dir):
+    import pathlib
+
+    config = pathlib.Path(__file__).resolve().parents[2] / "configs" / "movielens-100k.yaml"
+    argv = ["ppo", "--config", str(config), "--workdir", str(tmp_path),
+            "--set", f"data.dir={shared_dir / 'data' / 'movielens'}", "--set", "ppo.iterations=2",
+            "--set", "rollout.users=8", "--set", "ppo.minibatches=2", "--set", "model.d_model=32",
+            "--set", "model.d_ff=64"]
+    assert main(argv) == 0
+    lines = _lines(tmp_path)
+    assert len(lines) == 2 and all(x["gen/invalid_item_frac"] == 0.0 for x in lines)
