@@ -13,6 +13,7 @@ DIR/plots/*.png, DIR/summary.json.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 import signal
@@ -28,7 +29,7 @@ from jaxrec.codec import build_codec
 from jaxrec.config import Config, dump_config
 from jaxrec.data import load_tokenizer, train_bpe_tokenizer
 from jaxrec.models import gpt2_config, init_params, llama_config, load_pretrained
-from jaxrec.rollout import RolloutSpec
+from jaxrec.rollout import RolloutSpec, rollout
 from jaxrec.sim import make_env
 from jaxrec.train.iteration import build_iteration
 from jaxrec.train.report import TensorBoard, write_plots
@@ -135,6 +136,24 @@ class PPORun:
         self.params = params
         self.iteration = build_iteration(self.ppo, self.spec, self.env, self.env_params,
                                          self.codec)
+
+    def recommend(self, policy_params, n_users: int = 3) -> list[dict]:
+        """Greedy slates for `n_users` fixed users (the same ones every call), as titles."""
+        if not hasattr(self, "_greedy"):
+            spec = dataclasses.replace(self.spec, temperature=0.0)
+            self._greedy = jax.jit(lambda p, us, k: rollout(
+                self.model, p, self.codec, self.env, self.env_params, us, k, spec)[0])
+            key = jax.random.fold_in(jax.random.key(self.config.seed), 2 << 20)
+            _, self._fixed_users = self.env.reset_batch(key, n_users, self.env_params)
+        ro = self._greedy(policy_params, self._fixed_users, jax.random.key(0))
+        histories = np.asarray(jax.vmap(self.env.observation, in_axes=(0, None))(
+            self._fixed_users, self.env_params))
+        title = lambda i: self.titles[int(i)] if i >= 0 else "(invalid)"
+        return [
+            {"history": [title(i) for i in h[h >= 0][-4:]],
+             "recommended": [title(i) for i in np.asarray(ro.items[u])]}
+            for u, h in enumerate(histories)
+        ]
 
     def initial(self):
         """(state, users, key) at iteration 0."""
@@ -254,9 +273,15 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     ckpt.close()
     board.close()
     write_plots(workdir, "ppo")
+    before, after = run.recommend(state.frozen["ref"]), run.recommend(state.policy)
+    samples = [{**b, "recommended_before": b["recommended"], "recommended_after": a["recommended"]}
+               for b, a in zip(before, after, strict=True)]
+    for s in samples:
+        del s["recommended"]
     summary = {
         "stage": "ppo",
         "interrupted": interrupted,
+        "samples": samples,
         "iterations": config.ppo.iterations,
         "reward_first": first_reward,
         "reward_last": last.get("reward/mean"),
@@ -264,7 +289,18 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
         "invalid_item_frac_last": last.get("gen/invalid_item_frac"),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, log)
     return summary
+
+
+def _print_summary(summary: dict, log) -> None:
+    """The one-screen end-of-run summary."""
+    log(f"ppo: reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f} "
+        f"(first and last iteration), KL to the reference {summary['kl_last']:.3f}")
+    for n, s in enumerate(summary["samples"], 1):
+        log(f"user {n}: watched {'; '.join(s['history'])}")
+        log(f"  before: {'; '.join(s['recommended_before'])}")
+        log(f"  after:  {'; '.join(s['recommended_after'])}")
 
 
 def _metrics_before(path: pathlib.Path, iteration: int) -> list[dict]:

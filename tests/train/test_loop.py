@@ -48,6 +48,10 @@ def test_ppo_stage_writes_its_outputs(tmp_path):
     assert all(x["gen/invalid_item_frac"] == 0.0 for x in lines)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["reward_last"] == lines[-1]["reward/mean"]
+    assert len(summary["samples"]) == 3
+    for sample in summary["samples"]:
+        assert len(sample["recommended_before"]) == len(sample["recommended_after"]) == 3
+        assert "(invalid)" not in sample["recommended_after"] and sample["history"]
     assert load_config(tmp_path / "config.yaml").ppo.iterations == 2
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "ppo").iterdir()) == ["1", "2"]
     plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
