@@ -17,12 +17,14 @@ import dataclasses
 import json
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 
 from jaxrec.checkpoint import Checkpointer
 from jaxrec.codec import build_codec
@@ -236,6 +238,8 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     first_reward = kept[0]["reward/mean"] if kept else None
     tokens_per_iter = config.rollout.users * run.spec.max_new_tokens
     board = TensorBoard(workdir)
+    bar = tqdm.tqdm(total=config.ppo.iterations, initial=start, desc="ppo", unit="it",
+                    disable=not sys.stderr.isatty())
     interrupted = None
     with _stop_requests() as stop, metrics_path.open("w") as out:
         for line in kept:
@@ -259,9 +263,13 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
                 )
             first_reward = line["reward/mean"] if first_reward is None else first_reward
             last = line
-            log(f"ppo {i + 1}/{config.ppo.iterations}  reward {line['reward/mean']:.3f}  "
-                f"kl {line['kl/ref']:.4f}  beta {line['kl/coef']:.4f}  "
-                f"invalid {line['gen/invalid_item_frac']:.2f}")
+            if bar.disable:  # no terminal: one log line per iteration instead of the bar
+                log(f"ppo {i + 1}/{config.ppo.iterations}  reward {line['reward/mean']:.3f}  "
+                    f"kl {line['kl/ref']:.4f}  beta {line['kl/coef']:.4f}  "
+                    f"invalid {line['gen/invalid_item_frac']:.2f}")
+            bar.set_postfix(reward=f"{line['reward/mean']:.3f}", kl=f"{line['kl/ref']:.3f}",
+                            refresh=False)
+            bar.update(1)
             final = i + 1 == config.ppo.iterations
             if (i + 1) % config.checkpoint.every == 0 or final or stop["signal"] is not None:
                 ckpt.save(i + 1, state, users, key, {"iteration": i + 1, "config": resolved})
@@ -269,6 +277,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
                 interrupted = signal.Signals(stop["signal"]).name
                 log(f"{interrupted}: saved iteration {i + 1}; rerun the command to resume")
                 break
+    bar.close()
     ckpt.wait()
     ckpt.close()
     board.close()
