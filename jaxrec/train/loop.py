@@ -115,6 +115,18 @@ def build_policy(config: Config, tokenizer, max_len: int):
     return cfg, init_params(cfg, jax.random.key(config.seed))
 
 
+def _codec(titles, tokenizer, years, item_prefix):
+    """The codec with the first slate separator this tokenizer encodes as one token."""
+    error = None
+    for separator in (";", "\n", ",", "|", "and"):  # " and": SentencePiece vocabularies
+        try:
+            return build_codec(titles, tokenizer, years=years, item_prefix=item_prefix,
+                               slate_separator=separator)
+        except ValueError as err:  # e.g. a SentencePiece prefix space makes ";" two tokens
+            error = err
+    raise ValueError(f"no slate separator fits this tokenizer: {error}")
+
+
 class PPORun:
     """Everything the PPO stage needs, built once from a Config."""
 
@@ -123,8 +135,7 @@ class PPORun:
         self.env, self.env_params, self.titles, years = build_world(config)
         self.tokenizer = build_tokenizer(config, self.titles)
         item_prefix = "" if type(self.tokenizer).__name__ == "Llama2cTokenizer" else " "
-        self.codec = build_codec(self.titles, self.tokenizer, years=years,
-                                 item_prefix=item_prefix)
+        self.codec = _codec(self.titles, self.tokenizer, years, item_prefix)
         r = config.rollout
         self.spec = RolloutSpec(
             slate_size=r.slate_size, prompt_len=self.codec.prompt_len(r.history_items),

@@ -181,3 +181,16 @@ def test_ppo_on_real_movielens_100k(tmp_path, shared_dir):
     assert main(argv) == 0
     lines = _lines(tmp_path)
     assert len(lines) == 2 and all(x["gen/invalid_item_frac"] == 0.0 for x in lines)
+
+
+def test_ppo_from_the_real_pretrained_stories260k(tmp_path, shared_dir):
+    """A llama2.c checkpoint with its SentencePiece-style tokenizer as the initial policy."""
+    model = shared_dir / "models" / "stories260K" / "stories260K.bin"
+    argv = ["ppo", "--workdir", str(tmp_path), "--set", f"model.init={model}", "--set",
+            "ppo.iterations=2", "--set", "checkpoint.every=1"]
+    for item in TINY:
+        if not item.startswith(("model.", "checkpoint.")):
+            argv += ["--set", item]
+    assert main(argv) == 0
+    lines = _lines(tmp_path)
+    assert len(lines) == 2 and all(x["gen/invalid_item_frac"] == 0.0 for x in lines)
