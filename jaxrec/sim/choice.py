@@ -40,6 +40,21 @@ def proportional_probs(
     return masses / jnp.sum(masses)
 
 
+def choose_from_slate(
+    u: jax.Array,  # [] uniform in [0, 1)
+    utility: jax.Array,  # [K] float32, -inf-like (or very negative) where invalid
+    no_click_logit: float | jax.Array,
+    position_bias: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Multinomial-logit choice over a slate: (position [] in [0, K], clicked, slot).
+
+    `slot` is the clicked position, or K - 1 when nothing was clicked (a safe index)."""
+    k = utility.shape[0]
+    probs = logit_probs(utility, no_click_logit, position_bias)  # [K + 1]
+    position = choice_from_uniform(u, probs)
+    return position, position < k, jnp.minimum(position, k - 1)
+
+
 def sample_choice(key: jax.Array, probs: jax.Array) -> jax.Array:
     """One draw from probs [K + 1] -> int32 in [0, K] (K = no click), by inverse CDF."""
     u = jax.random.uniform(key, (), jnp.float32)

@@ -56,7 +56,7 @@ import optax
 from flax import struct
 
 from jaxrec.sim import rewards
-from jaxrec.sim.choice import choice_from_uniform, logit_probs
+from jaxrec.sim.choice import choose_from_slate
 from jaxrec.sim.core import (
     Catalogue,
     Environment,
@@ -273,19 +273,12 @@ class MovieLensEnv(Environment):
                  params: MovieLensParams):
         bits = jax.random.bits(key, (2,), jnp.uint32)  # choice, rating noise
         cat = params.catalogue
-        n = cat.size
-        k = self.slate_size
-        slate = action.astype(jnp.int32)  # [K]
-        valid = rewards.slate_validity(slate, n)
-        safe = jnp.clip(slate, 0, n - 1)
+        slate, valid, safe, seen = rewards.slate_view(action, cat.size, state.history)  # [K] each
         pred = self.predicted_ratings(state, params, safe)  # [K]
-        seen = rewards.in_history(slate, state.history)  # [K]
         utility = params.click_scale * (pred - params.click_center) + params.seen_utility * seen
         utility = jnp.where(valid, utility, NEG)
-        probs = logit_probs(utility, 0.0, params.position_bias)  # [K + 1]
-        position = choice_from_uniform(unit_uniform(bits[0]), probs)
-        clicked = position < k
-        slot = jnp.minimum(position, k - 1)
+        position, clicked, slot = choose_from_slate(
+            unit_uniform(bits[0]), utility, 0.0, params.position_bias)
         item = jnp.where(clicked, safe[slot], -1).astype(jnp.int32)
 
         noise = params.rating_noise * normal_from_bits(bits[1])
@@ -304,7 +297,7 @@ class MovieLensEnv(Environment):
 
         q = params.model.item_factors[safe[slot]]  # [D]
         factor = jnp.where(clicked, state.factor + params.drift * (q - state.factor), state.factor)
-        history = jnp.where(clicked, jnp.roll(state.history, -1).at[-1].set(item), state.history)
+        history = rewards.push_history(state.history, item, clicked)
         best = jnp.max(jnp.where(valid, pred, 1.0))
         lost = jnp.maximum(params.patience_threshold - best, 0.0)
         patience = jnp.minimum(

@@ -110,6 +110,21 @@ def in_history(items: jax.Array, history: jax.Array) -> jax.Array:
     return jnp.any((items[..., None] == history) & (history >= 0), axis=-1)
 
 
+def slate_view(slate: jax.Array, n_items: int, history: jax.Array):
+    """A recommended slate [K] as a simulator reads it: (slate int32, valid, safe ids, seen).
+
+    `safe` clips invalid entries into range for gathers (their utility must be masked by
+    `valid`); `seen` marks items already in the user's history [H]."""
+    slate = slate.astype(jnp.int32)
+    return (slate, slate_validity(slate, n_items), jnp.clip(slate, 0, n_items - 1),
+            in_history(slate, history))
+
+
+def push_history(history: jax.Array, item: jax.Array, clicked: jax.Array) -> jax.Array:
+    """[H] history, oldest first: on a click, drop the oldest and append `item`."""
+    return jnp.where(clicked, jnp.roll(history, -1).at[-1].set(item), history)
+
+
 def duplicates(slate: jax.Array, valid: jax.Array) -> jax.Array:
     """[K] bool: valid entries equal to some earlier valid entry of the slate."""
     k = slate.shape[0]

@@ -47,7 +47,7 @@ import numpy as np
 from flax import struct
 
 from jaxrec.sim import rewards
-from jaxrec.sim.choice import choice_from_uniform, logit_probs
+from jaxrec.sim.choice import choose_from_slate
 from jaxrec.sim.core import (
     Catalogue,
     Environment,
@@ -177,13 +177,8 @@ class SyntheticEnv(Environment):
                  params: SyntheticParams):
         bits = jax.random.bits(key, (2,), jnp.uint32)  # choice, rating noise
         cat = params.catalogue
-        n = cat.size
-        k = self.slate_size
-        slate = action.astype(jnp.int32)  # [K]
-        valid = rewards.slate_validity(slate, n)
-        safe = jnp.clip(slate, 0, n - 1)
+        slate, valid, safe, seen = rewards.slate_view(action, cat.size, state.history)  # [K] each
         affinity = cat.features[safe] @ state.interest  # [K]
-        seen = rewards.in_history(slate, state.history)  # [K]
         utility = (
             params.interest_weight * affinity
             + params.quality_weight * cat.quality[safe]
@@ -191,10 +186,8 @@ class SyntheticEnv(Environment):
             + params.seen_utility * seen
         )
         utility = jnp.where(valid, utility, NEG)
-        probs = logit_probs(utility, params.no_click_logit, params.position_bias)  # [K + 1]
-        position = choice_from_uniform(unit_uniform(bits[0]), probs)
-        clicked = position < k
-        slot = jnp.minimum(position, k - 1)
+        position, clicked, slot = choose_from_slate(
+            unit_uniform(bits[0]), utility, params.no_click_logit, params.position_bias)
         item = jnp.where(clicked, safe[slot], -1)
 
         # Response: satisfaction -> rating -> like and watch time.
@@ -230,8 +223,7 @@ class SyntheticEnv(Environment):
         # Drift toward the consumed item: each topic it covers moves toward full interest.
         toward = params.drift * f / jnp.maximum(jnp.max(f), 1e-6) * (1.0 - state.interest)
         interest = jnp.where(c, state.interest + toward, state.interest)
-        history = jnp.where(c, jnp.roll(state.history, -1).at[-1].set(response.item),
-                            state.history)
+        history = rewards.push_history(state.history, response.item, c)
         budget = state.budget - params.step_cost - response.watch_time
         lost = jnp.where(c, jnp.maximum(3.0 - response.rating, 0.0) / 2.0, 1.0)
         gained = params.patience_recovery * response.liked
