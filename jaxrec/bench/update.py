@@ -3,8 +3,8 @@
 The "small" spec: GPT-2 family, 4 layers, 4 heads, d_model 256, vocab 4096; 64 sequences of
 64 prompt + 32 completion tokens; 4 epochs x 4 minibatches; a policy and a separate value
 network. FLOPs per update = 6 x params x tokens for each network, with every one of the 96
-tokens of every sequence counted once per epoch. The ceiling is a 2048^3 bfloat16 x bfloat16
--> float32 matrix product timed in the same process. One JSON line per dtype.
+tokens of every sequence counted once per epoch. The ceiling is the best of 20 runs of a
+2048^3 bfloat16 x bfloat16 -> float32 matrix product in the same process. One JSON line per dtype.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.bench.timing import median_seconds
+from jaxrec.bench.timing import best_seconds, median_seconds
 from jaxrec.config import PPOConfig
 from jaxrec.models import count_params, gpt2_config, init_params
 from jaxrec.train import PPOBatch, create_train_state, ppo_step
@@ -24,14 +24,15 @@ from jaxrec.train import PPOBatch, create_train_state, ppo_step
 SMALL = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_len=128)
 
 
-def matmul_ceiling(n: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of an n^3 bf16 x bf16 -> f32 matrix product (the best case for this chip);
-    n = 2048 on CPU, 8192 on accelerators (large enough to outlast launch overhead)."""
+def matmul_ceiling(n: int | None = None, repeats: int = 20) -> float:
+    """FLOP/s of an n^3 bf16 x bf16 -> f32 matrix product (the best case for this chip), the
+    fastest of `repeats` runs; n = 2048 on CPU, 8192 on accelerators (large enough to outlast
+    launch overhead)."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    seconds = median_seconds(lambda: mm(a, b).block_until_ready(), repeats)
+    seconds = best_seconds(lambda: mm(a, b).block_until_ready(), repeats)
     return 2 * n**3 / seconds
 
 

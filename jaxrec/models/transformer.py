@@ -97,16 +97,48 @@ def _low_precision_dot_fwd(x, w, w_transposed):
     return y, (xb, wb, dtypes)
 
 
+def _row_block(m: int) -> int:
+    """A proper divisor of m to split the rows by (1 if there is none worth using)."""
+    return next((d for d in (128, 96, 64, 48, 32, 16, 8, 4, 2) if m % d == 0 and m > d), 1)
+
+
+def _rows_transposed(a: jax.Array) -> jax.Array:
+    """[M, N] -> [N, M] as a materialised copy.
+
+    Written as reshape -> transpose -> reshape so that XLA cannot fold it into the consuming
+    dot as a contraction over dimension 0: XLA's CPU backend runs such a "transposed-LHS"
+    bf16 dot as a float32 matmul (about 6x slower here), while the copy costs a fraction.
+    """
+    m, n = a.shape
+    q = _row_block(m)
+    return a.reshape(m // q, q, n).transpose(2, 0, 1).reshape(n, m)
+
+
+def _rows_contracted(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [M, K], b [M, N] (bf16) -> a^T b [K, N] float32: the weight gradient of a dense layer.
+
+    The smaller operand is transposed; if that is b, the [N, K] product is transposed back the
+    same way (a plain `.T` would be folded into the dot, which XLA's CPU backend then cannot
+    run in bf16 at all).
+    """
+    f32 = jnp.float32
+    if _row_block(a.shape[0]) == 1:  # no way to hide the transpose: let XLA pick (float32)
+        return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    if a.shape[1] <= b.shape[1]:
+        return jnp.dot(_rows_transposed(a), b, preferred_element_type=f32)
+    return _rows_transposed(jnp.dot(_rows_transposed(b), a, preferred_element_type=f32))
+
+
 def _low_precision_dot_bwd(w_transposed, res, g):
     xb, wb, (x_dt, w_dt) = res
     gb = g.astype(jnp.bfloat16)  # [M, N]
     f32 = jnp.float32
     if w_transposed:  # y = x w^T with w [N, K]
         dx = jax.lax.dot_general(gb, wb, (((1,), (0,)), ((), ())), preferred_element_type=f32)
-        dw = jax.lax.dot_general(gb, xb, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+        dw = _rows_contracted(gb, xb)  # [N, K]
     else:  # y = x w with w [K, N]
         dx = jax.lax.dot_general(gb, wb, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-        dw = jax.lax.dot_general(xb, gb, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+        dw = _rows_contracted(xb, gb)  # [K, N]
     return dx.astype(x_dt.dtype), dw.astype(w_dt.dtype)
 
 
@@ -194,6 +226,65 @@ class Dense(nn.Module):
         return y
 
 
+def _swap_last(a: jax.Array) -> jax.Array:
+    """[..., Q, S] -> [..., S, Q] as a materialised copy (see `_rows_transposed`)."""
+    *lead, q, s = a.shape
+    blk = _row_block(q)
+    if blk == 1:
+        return jnp.swapaxes(a, -1, -2)
+    n = len(lead)
+    blocks = a.reshape(*lead, q // blk, blk, s)
+    return blocks.transpose(*range(n), n + 2, n, n + 1).reshape(*lead, s, q)
+
+
+def _bdot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+    """Softmax attention without a cache: q [B, K, Q, Dh], k and v [B, K, S, Dh], mask
+    [B, 1, Q, S] bool -> [B, K, Q, Dh] float32 (Q = G*T: the G query heads of each KV head).
+
+    Matmuls take `dtype` inputs and accumulate in float32; the softmax is float32. The custom
+    backward (with P the probabilities, dO the output cotangent, s = Dh^-1/2):
+        dP = dO V^T,  dS = P * (dP - rowsum(dO * O)) * s,  dQ = dS K,  dK = dS^T Q,  dV = P^T dO
+    uses rowsum(dO * O) = rowsum(P * dP) (a sum over Dh instead of S), keeps P in `dtype`, and
+    materialises dS^T and P^T so that every product is a plain batched matmul: XLA's CPU
+    backend otherwise contracts over the rows in float32, or not at all in bf16.
+    """
+    return _attend_fwd(q, k, v, mask, dtype)[0]
+
+
+def _attend_fwd(q, k, v, mask, dtype):
+    scale = q.shape[-1] ** -0.5
+    qb, kb, vb = (x.astype(dtype) for x in (q, k, v))
+    scores = _bdot("bkqd,bksd->bkqs", qb, kb) * scale  # [B, K, Q, S] float32
+    probs = jax.nn.softmax(jnp.where(mask, scores, _NEG_INF), axis=-1)
+    pb = probs.astype(dtype)
+    out = _bdot("bkqs,bksd->bkqd", pb, vb)  # [B, K, Q, Dh] float32
+    dtypes = tuple(jnp.zeros((0,), x.dtype) for x in (q, k, v))
+    return out, (qb, kb, vb, pb, out, mask, dtypes)
+
+
+def _attend_bwd(dtype, res, d_out):
+    qb, kb, vb, pb, out, mask, dtypes = res
+    scale = qb.shape[-1] ** -0.5
+    d_outb = d_out.astype(dtype)
+    d_probs = _bdot("bkqd,bksd->bkqs", d_outb, vb)  # [B, K, Q, S]
+    row = jnp.sum(d_out * out, axis=-1, keepdims=True)  # [B, K, Q, 1] = rowsum(P * dP)
+    # masked scores get no gradient (a fully masked query row has P = 1/S everywhere)
+    d_scores = jnp.where(mask, pb.astype(jnp.float32) * (d_probs - row) * scale, 0.0)
+    d_scoresb = d_scores.astype(dtype)
+    dq = _bdot("bkqs,bksd->bkqd", d_scoresb, kb)
+    dk = _bdot("bksq,bkqd->bksd", _swap_last(d_scoresb), qb)
+    dv = _bdot("bksq,bkqd->bksd", _swap_last(pb), d_outb)
+    return tuple(g.astype(d.dtype) for g, d in zip((dq, dk, dv), dtypes, strict=True)) + (None,)
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float, style: str) -> jax.Array:
     """Rotary embedding. x [B, T, N, Dh], positions [B, T] -> [B, T, N, Dh] float32.
 
@@ -250,18 +341,28 @@ class Attention(nn.Module):
                 attn_mask = attn_mask[:, :, :t]  # [B, T, T]
             else:  # attend to every slot, in the cache's dtype (no cast of every slot per step)
                 k, v, dt = cache.k, cache.v, cdt
-        if jax.default_backend() == "cpu":
-            # XLA's CPU has no bf16 x bf16 -> f32 kernel for these batched (matrix-vector) dots.
-            dt = jnp.float32
-        qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
-        scores = jnp.einsum(
-            "btkgd,bksd->bkgts", qg.astype(dt), k.astype(dt), preferred_element_type=jnp.float32
-        ) * (dh**-0.5)  # [B, K, G, T, S]
-        scores = jnp.where(attn_mask[:, None, None, :, :], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S] float32
-        out = jnp.einsum(
-            "bkgts,bksd->btkgd", probs.astype(dt), v.astype(dt), preferred_element_type=jnp.float32
-        ).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        if cache is None:  # training and scoring: the custom-gradient attention below
+            qh = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,Dh]
+            qh = qh.reshape(b, kv, (h // kv) * t, dh)  # [B, K, G*T, Dh]: G heads per KV head
+            mask = jnp.broadcast_to(attn_mask[:, None, None], (b, 1, h // kv, t, t))
+            out = attend(qh, k, v, mask.reshape(b, 1, (h // kv) * t, t), dt)  # [B, K, G*T, Dh]
+            out = out.reshape(b, kv, h // kv, t, dh).transpose(0, 3, 1, 2, 4)
+            out = out.reshape(b, t, h, dh)  # [B, T, H, Dh]
+        else:
+            if jax.default_backend() == "cpu":
+                # XLA's CPU has no bf16 x bf16 -> f32 kernel for these batched matrix-vector dots.
+                dt = jnp.float32
+            qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
+            scores = jnp.einsum(
+                "btkgd,bksd->bkgts", qg.astype(dt), k.astype(dt),
+                preferred_element_type=jnp.float32,
+            ) * (dh**-0.5)  # [B, K, G, T, S]
+            scores = jnp.where(attn_mask[:, None, None, :, :], scores, _NEG_INF)
+            probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S] float32
+            out = jnp.einsum(
+                "bkgts,bksd->btkgd", probs.astype(dt), v.astype(dt),
+                preferred_element_type=jnp.float32,
+            ).reshape(b, t, h, dh)  # [B, T, H, Dh]
         out = Dense(cfg, (h, dh, d), ("heads", "head_dim", "embed"),
                     1 if cfg.out_bias else 0, fan_in_dims=2, name="o")(out)  # [B, T, D]
         return out, cache

@@ -158,6 +158,26 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert float(jnp.max(jnp.abs(bf16 - f32))) > 0  # really computed in bfloat16
 
 
+@pytest.mark.parametrize("rows", [96, 97])  # 97: no row block to hide the transpose behind
+@pytest.mark.parametrize("w_transposed", [False, True])
+@pytest.mark.parametrize("k, n", [(64, 16), (16, 64)])  # which operand gets transposed
+def test_bfloat16_dense_gradients_match_float32_on_rounded_inputs(rows, w_transposed, k, n):
+    from jaxrec.models.transformer import _low_precision_dot
+
+    x = jax.random.normal(jax.random.key(0), (rows, k))
+    w = jax.random.normal(jax.random.key(1), (n, k) if w_transposed else (k, n))
+    loss = lambda x, w, dot: jnp.sum(jnp.sin(dot(x, w)))
+    rounded = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+    f32_dot = lambda x, w: x @ (w.T if w_transposed else w)
+    got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(
+        x, w, lambda x, w: _low_precision_dot(x, w, w_transposed))
+    want = jax.grad(loss, (0, 1))(rounded(x), rounded(w), f32_dot)
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == r.shape and g.dtype == jnp.float32
+        # bf16 rounding of the cotangent is the only difference: ~2^-8 relative
+        assert float(jnp.max(jnp.abs(g - r))) < 1e-2 * float(jnp.max(jnp.abs(r)))
+
+
 def test_remat_gives_the_same_gradients():
     cfg = CONFIGS["gpt2"]
     params = _random_params(cfg)
@@ -211,3 +231,28 @@ def test_bad_config_values_name_the_key():
         llama_config(rope_style="spiral")
     with pytest.raises(ValueError, match="n_heads=6 must be a multiple of model.n_kv_heads=4"):
         llama_config(n_heads=6, n_kv_heads=4, d_model=48)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_attention_custom_gradient_matches_autodiff(dtype, tol):
+    from jaxrec.models.transformer import attend
+
+    b, k, q, s, d = 2, 2, 12, 6, 8  # Q = 2 query heads per KV head x 6 positions
+    keys = jax.random.split(jax.random.key(3), 4)
+    qs, ks, vs = (jax.random.normal(kk, (b, k, n, d)) for kk, n in zip(keys, (q, s, s)))
+    d_out = jax.random.normal(keys[3], (b, k, q, d))
+    causal = jnp.tile(jnp.tril(jnp.ones((s, s), bool)), (2, 1))  # [Q, S]
+    mask = jnp.broadcast_to(causal, (b, 1, q, s)).at[1, 0, 0].set(False)  # a fully masked row
+
+    def plain(q, k, v):  # what autodiff sees: the same forward, float32 throughout
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k) * d**-0.5
+        probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+        return jnp.einsum("bkqs,bksd->bkqd", probs, v)
+
+    want_out, want_vjp = jax.vjp(plain, qs, ks, vs)
+    got_out, got_vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask, dtype), qs, ks, vs)
+    scale = lambda x: float(jnp.max(jnp.abs(x)))
+    assert scale(got_out - want_out) < tol * scale(want_out)
+    for got, want in zip(got_vjp(d_out), want_vjp(d_out), strict=True):
+        assert got.dtype == jnp.float32
+        assert scale(got - want) < tol * scale(want)
