@@ -239,7 +239,8 @@ def test_attention_custom_gradient_matches_autodiff(dtype, tol):
 
     b, k, q, s, d = 2, 2, 12, 6, 8  # Q = 2 query heads per KV head x 6 positions
     keys = jax.random.split(jax.random.key(3), 4)
-    qs, ks, vs = (jax.random.normal(kk, (b, k, n, d)) for kk, n in zip(keys, (q, s, s)))
+    shapes = ((b, k, q, d), (b, k, s, d), (b, k, s, d))
+    qs, ks, vs = (jax.random.normal(kk, sh) for kk, sh in zip(keys[:3], shapes, strict=True))
     d_out = jax.random.normal(keys[3], (b, k, q, d))
     causal = jnp.tile(jnp.tril(jnp.ones((s, s), bool)), (2, 1))  # [Q, S]
     mask = jnp.broadcast_to(causal, (b, 1, q, s)).at[1, 0, 0].set(False)  # a fully masked row
