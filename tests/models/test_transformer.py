@@ -257,3 +257,29 @@ def test_attention_custom_gradient_matches_autodiff(dtype, tol):
     for got, want in zip(got_vjp(d_out), want_vjp(d_out), strict=True):
         assert got.dtype == jnp.float32
         assert scale(got - want) < tol * scale(want)
+
+
+@pytest.mark.parametrize("centered", [True, False])  # LayerNorm, RMSNorm
+def test_norm_custom_gradient_matches_autodiff(centered):
+    from jaxrec.models.transformer import normalize
+
+    keys = jax.random.split(jax.random.key(4), 4)
+    x = 3.0 * jax.random.normal(keys[0], (2, 5, 16)) + 1.0
+    scale = 1.0 + 0.1 * jax.random.normal(keys[1], (16,))
+    bias = 0.1 * jax.random.normal(keys[2], (16,)) if centered else None
+    dy = jax.random.normal(keys[3], x.shape)
+
+    def plain(x, scale, bias):
+        if centered:
+            x = x - x.mean(-1, keepdims=True)
+        y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + 1e-5) * scale
+        return y if bias is None else y + bias
+
+    want_y, want_vjp = jax.vjp(plain, x, scale, bias)
+    got_y, got_vjp = jax.vjp(lambda x, s, b: normalize(x, s, b, 1e-5), x, scale, bias)
+    np.testing.assert_allclose(got_y, want_y, atol=1e-5)
+    for got, want in zip(got_vjp(dy), want_vjp(dy), strict=True):
+        if want is None:
+            assert got is None
+        else:
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
