@@ -78,6 +78,26 @@ def causal_mask(valid: jax.Array) -> jax.Array:
 _CONTRACT = {False: (((1,), (0,)), ((), ())), True: (((1,), (1,)), ((), ()))}
 
 
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map mesh axes x varies over (jax 0.10 spells it `manual_axis_type.varying`,
+    earlier releases `vma`); empty outside shard_map."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _varying_like(ref: jax.Array, x: jax.Array) -> jax.Array:
+    """Inside `jax.shard_map`, mark x as varying over the mesh axes that `ref` varies over.
+
+    A custom VJP must return a cotangent of the same varying-ness as its input; a replicated
+    parameter's cotangent from per-device rows is per-device. The cast's transpose is a psum,
+    so the parameter's gradient arrives summed over devices, as autodiff would give it.
+    Outside shard_map this is the identity.
+    """
+    missing = tuple(sorted(_varying_axes(ref) - _varying_axes(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _low_precision_dot(x: jax.Array, w: jax.Array, w_transposed: bool) -> jax.Array:
     """x [M, K] . w [K, N] (or w [N, K] transposed) in bfloat16 with float32 accumulation.
@@ -147,7 +167,7 @@ _low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
 
 def _dot2d(x: jax.Array, w: jax.Array, dtype, w_transposed: bool = False) -> jax.Array:
     if dtype == jnp.bfloat16:
-        return _low_precision_dot(x, w, w_transposed)
+        return _low_precision_dot(x, _varying_like(x, w), w_transposed)
     return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), _CONTRACT[w_transposed],
                                preferred_element_type=jnp.float32)
 
@@ -202,7 +222,9 @@ def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float
     It keeps only x and the per-row statistics, and takes fewer passes over the activations
     than autodiff's version of the forward.
     """
-    return _normalize(x.astype(jnp.float32), scale, bias, eps)
+    x = x.astype(jnp.float32)
+    bias = None if bias is None else _varying_like(x, bias)
+    return _normalize(x, _varying_like(x, scale), bias, eps)
 
 
 def _norm_stats(x, centered: bool, eps: float):
