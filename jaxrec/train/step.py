@@ -149,24 +149,30 @@ def _minibatch_update(state: TrainState, batch: PPOBatch, idx, m, config: PPOCon
     grad_fn = jax.grad(_policy_objective, has_aux=True)
     p_grads, metrics = grad_fn(state.policy, state, mb, sft, adv, den, config)
     metrics["ppo/policy_grad_norm"] = optax.tree.norm(p_grads)
-    policy, policy_opt = _apply(state.policy_tx, p_grads, state.policy_opt, state.policy)
-    value, value_opt = state.value, state.value_opt
+    finite = jnp.isfinite(metrics["ppo/policy_grad_norm"])
+    v_grads = None
     if not config.shared_value:
         v_grads, m_vf = jax.grad(_value_objective, has_aux=True)(state.value, state, mb, den,
                                                                  config)
         metrics.update(m_vf)
         metrics["ppo/value_grad_norm"] = optax.tree.norm(v_grads)
-        value, value_opt = _apply(state.value_tx, v_grads, state.value_opt, state.value)
+        finite &= jnp.isfinite(metrics["ppo/value_grad_norm"])
+
     # NaN/Inf guard: a minibatch whose gradient norms are not finite leaves the params and
     # optimizer states as they were (the norms are of the summed gradients, so every device
-    # of a data-parallel step takes the same decision); it is counted in ppo/skipped.
-    finite = jnp.isfinite(metrics["ppo/policy_grad_norm"])
-    if not config.shared_value:
-        finite &= jnp.isfinite(metrics["ppo/value_grad_norm"])
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    # of a data-parallel step takes the same decision); it is counted in ppo/skipped. A cond
+    # rather than a select: the optimizer runs only when it is needed, with no extra pass.
+    def update(trained):
+        policy, policy_opt, value, value_opt = trained
+        policy, policy_opt = _apply(state.policy_tx, p_grads, policy_opt, policy)
+        if v_grads is not None:
+            value, value_opt = _apply(state.value_tx, v_grads, value_opt, value)
+        return policy, policy_opt, value, value_opt
+
+    trained = (state.policy, state.policy_opt, state.value, state.value_opt)
+    policy, policy_opt, value, value_opt = jax.lax.cond(finite, update, lambda t: t, trained)
     state = state.replace(
-        policy=keep(policy, state.policy), value=keep(value, state.value),
-        policy_opt=keep(policy_opt, state.policy_opt), value_opt=keep(value_opt, state.value_opt),
+        policy=policy, value=value, policy_opt=policy_opt, value_opt=value_opt,
         step=state.step + finite.astype(jnp.int32),
     )
     metrics["ppo/skipped"] = 1.0 - finite.astype(jnp.float32)
