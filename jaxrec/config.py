@@ -281,6 +281,56 @@ class PolicyConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """The supervised stage: next-item prediction on histories rendered as text."""
+
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32  # examples per step
+    lr: float = 1e-3  # peak learning rate (linear warmup, then constant)
+    warmup_steps: int = 20  # linear warmup steps
+    l2: float = 0.0  # lambda of the L2 regulariser lambda * ||theta||^2
+    l2_mode: str = "decoupled"  # 'loss': added to the loss | 'decoupled': AdamW weight decay
+    max_grad_norm: float = 1.0  # global-norm gradient clipping
+    eval_every: int = 50  # held-out loss and next-item accuracy every N steps (and at the end)
+    eval_users: int = 256  # held-out users (never trained on)
+    examples_per_user: int = 4  # training examples cut from each user's history
+
+    def __post_init__(self):
+        _check_choice("sft", "l2_mode", self.l2_mode, ("loss", "decoupled"))
+        for name in ("steps", "batch_size", "eval_every", "eval_users", "examples_per_user"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sft.{name}={getattr(self, name)} must be >= 1")
+        if self.l2 < 0 or self.lr <= 0:
+            raise ValueError(f"sft.l2={self.l2} must be >= 0 and sft.lr={self.lr} > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """The reward-model stage (Bradley-Terry on preference pairs) and how PPO uses it."""
+
+    steps: int = 300  # optimizer steps
+    batch_size: int = 32  # preference pairs per step
+    lr: float = 3e-4  # peak learning rate (linear warmup, then constant)
+    warmup_steps: int = 20  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    pairs: str = "auto"  # 'ratings' (MovieLens), 'simulator' (simulated comparisons), 'auto'
+    eval_every: int = 50  # held-out pairwise accuracy every N steps (and at the end)
+    eval_pairs: int = 512  # held-out pairs (users never trained on)
+    normalize_samples: int = 256  # policy samples whose scores set the mean 0 / std 1
+    ppo_source: str = "simulator"  # PPO's reward: 'simulator' | 'model' | 'mix'
+    mix: float = 0.5  # 'mix': weight of the model's normalised score (1 - mix: simulator's)
+
+    def __post_init__(self):
+        _check_choice("reward", "pairs", self.pairs, ("auto", "ratings", "simulator"))
+        _check_choice("reward", "ppo_source", self.ppo_source, ("simulator", "model", "mix"))
+        for name in ("steps", "batch_size", "eval_every", "eval_pairs", "normalize_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"reward.{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"reward.mix={self.mix} must be in [0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 10  # save every N iterations (and at the end)
     keep: int = 3  # checkpoints kept per stage
@@ -311,6 +361,8 @@ class Config:
     model: PolicyConfig = PolicyConfig()
     rollout: RolloutConfig = RolloutConfig()
     ppo: PPOConfig = PPOConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
 
