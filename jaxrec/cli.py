@@ -110,17 +110,23 @@ def _run_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jaxrec.train.loop import run_ppo
+    from jaxrec.train.stages import run_stages
 
     config = _run_config(args)
-    stages = ("ppo",) if args.command == "ppo" else config.stages
-    for stage in stages:
-        if stage != "ppo":
-            raise CliError(f"stage {stage!r} is not available yet; this version runs 'ppo'")
-        summary = run_ppo(config, args.workdir)
-        print(json.dumps(summary))
-        if summary.get("interrupted"):
-            return 128 + int(getattr(__import__("signal"), summary["interrupted"]))
+    stages = config.stages if args.command == "train" else (args.command,)
+    summary = run_stages(config, args.workdir, stages, profile=args.profile)
+    print(json.dumps(summary))
+    for stage_summary in summary["stages"].values():
+        if stage_summary.get("interrupted"):
+            return 128 + int(getattr(__import__("signal"), stage_summary["interrupted"]))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxrec.train.export import export
+
+    out = export(args.workdir, args.out, stage=args.stage, dtype=args.dtype)
+    print(out)
     return 0
 
 
@@ -159,14 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
-    for name, text in (("train", "run the stages the config lists"),
+    for name, text in (("train", "run the stages the config lists (sft, reward, ppo)"),
+                       ("sft", "run the supervised stage (next-item prediction)"),
+                       ("reward", "run the reward-model stage (Bradley-Terry)"),
                        ("ppo", "run the PPO stage")):
         run = sub.add_parser(name, help=text)
         run.add_argument("--config", help="YAML config (defaults apply where it is silent)")
         run.add_argument("--workdir", required=True, help="checkpoints, metrics and summary")
         run.add_argument("--set", action="append", metavar="KEY=VALUE",
                          help="override a config key, e.g. --set ppo.iterations=10")
+        run.add_argument("--profile", action="store_true",
+                         help="write a JAX profiler trace of PPO iterations 2-4 to DIR/profile")
         run.set_defaults(func=cmd_train)
+
+    exp = sub.add_parser("export", help="write the trained policy as a Hugging Face folder")
+    exp.add_argument("--workdir", required=True, help="the run's work dir")
+    exp.add_argument("--out", required=True, help="folder to write (must not hold a model)")
+    exp.add_argument("--stage", choices=["ppo", "ppo_best", "sft"],
+                     help="which policy (default: ppo, else sft)")
+    exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                     help="stored weight dtype")
+    exp.set_defaults(func=cmd_export)
 
     plot = sub.add_parser("plot", help="redraw DIR/plots/*.png from DIR/metrics.jsonl")
     plot.add_argument("--workdir", required=True)
@@ -232,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, ValueError, FileNotFoundError) as err:
+    except (CliError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"jaxrec {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -331,6 +331,24 @@ class RewardConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    """What the PPO stage shows and evaluates while it runs."""
+
+    sample_every: int = 10  # log greedy recommendations for fixed users every N iterations (0: off)
+    sample_users: int = 3  # users shown in those samples and in the end summary
+    eval_every: int = 10  # held-out evaluation every N iterations (0: off); the best is kept
+    eval_users: int = 128  # held-out simulated users (their own draw, never trained on)
+
+    def __post_init__(self):
+        for name in ("sample_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"monitor.{name}={getattr(self, name)} must be >= 0")
+        for name in ("sample_users", "eval_users"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"monitor.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 10  # save every N iterations (and at the end)
     keep: int = 3  # checkpoints kept per stage
@@ -345,6 +363,7 @@ class CheckpointConfig:
 class MeshConfig:
     """Device mesh sizes; one of them may be -1 (all remaining devices)."""
 
+    shard: bool = False  # run the PPO iteration on this mesh (False: one device)
     data: int = -1  # data parallel: the batch is split, params replicated
     fsdp: int = 1  # params and optimizer state split along the embedding dimension
     tensor: int = 1  # heads, MLP columns and the vocabulary split
@@ -363,6 +382,7 @@ class Config:
     ppo: PPOConfig = PPOConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
+    monitor: MonitorConfig = MonitorConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
 

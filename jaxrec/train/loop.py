@@ -38,8 +38,9 @@ from jaxrec.train.state import create_train_state
 class PPORun:
     """Everything the PPO stage needs, built once from a Config."""
 
-    def __init__(self, config: Config, params=None):
-        """`params`: the policy to start from (e.g. the SFT stage's), instead of model.init."""
+    def __init__(self, config: Config, params=None, reward_model=None):
+        """`params`: the policy to start from (e.g. the SFT stage's), instead of model.init;
+        `reward_model`: used by PPO's reward when reward.ppo_source is 'model' or 'mix'."""
         self.config = config
         setup = build_setup(config)
         self.setup = setup
@@ -50,18 +51,61 @@ class PPORun:
         self.ppo = config.ppo if r.temperature == 0 else config.ppo.replace(
             temperature=r.temperature)
         self.params = setup.params if params is None else params
-        self.iteration = build_iteration(self.ppo, self.spec, self.env, self.env_params,
-                                         self.codec)
+        self.mesh = None
+        if config.mesh.shard:
+            self._build_sharded(reward_model)
+        else:
+            self.iteration = build_iteration(self.ppo, self.spec, self.env, self.env_params,
+                                             self.codec, **_reward_options(config, reward_model))
 
-    def recommend(self, policy_params, n_users: int = 3) -> list[dict]:
-        """Greedy slates for `n_users` fixed users (the same ones every call), as titles."""
+    def _build_sharded(self, reward_model):
+        """The iteration jitted over the configured mesh: sharding only at the jit boundary
+        (state by the logical-axis rules, users' rows over data x fsdp); GSPMD partitions the
+        rollout, scoring and update inside, with the same global semantics as one device."""
+        from jaxrec.train.mesh import make_mesh, named, row_shardings, state_specs
+
+        m = self.config.mesh
+        self.mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if self.config.rollout.users % rows:
+            raise ValueError(f"rollout.users={self.config.rollout.users} must divide over the "
+                             f"mesh's data x fsdp = {rows} devices")
+        raw = build_iteration(self.ppo, self.spec, self.env, self.env_params, self.codec,
+                              jit=False, **_reward_options(self.config, reward_model))
+        state, users, _ = jax.eval_shape(self._initial_unsharded)
+        self._shardings = (named(self.mesh, state_specs(state)), row_shardings(self.mesh, users))
+        self.iteration = jax.jit(raw, in_shardings=(*self._shardings, None),
+                                 out_shardings=(*self._shardings, None), donate_argnums=(0, 1))
+
+    def _greedy_rollout(self, policy_params, users):
         if not hasattr(self, "_greedy"):
             spec = dataclasses.replace(self.spec, temperature=0.0)
             self._greedy = jax.jit(lambda p, us, k: rollout(
                 self.model, p, self.codec, self.env, self.env_params, us, k, spec)[0])
-            key = jax.random.fold_in(jax.random.key(self.config.seed), 2 << 20)
-            _, self._fixed_users = self.env.reset_batch(key, n_users, self.env_params)
-        ro = self._greedy(policy_params, self._fixed_users, jax.random.key(0))
+        return self._greedy(policy_params, users, jax.random.key(0))
+
+    def _users(self, salt: int, n: int):
+        """A fixed draw of n simulated users, apart from the training users (salt 1 << 20)."""
+        key = jax.random.fold_in(jax.random.key(self.config.seed), salt)
+        return self.env.reset_batch(key, n, self.env_params)[1]
+
+    def evaluate(self, policy_params) -> dict[str, float]:
+        """Greedy slates for `monitor.eval_users` held-out users: mean simulator reward, click
+        rate and invalid-item fraction (a pure function of the params: resuming repeats it)."""
+        if not hasattr(self, "_eval_users"):
+            self._eval_users = self._users(3 << 20, self.config.monitor.eval_users)
+        ro = self._greedy_rollout(policy_params, self._eval_users)
+        f32 = lambda x: float(np.mean(np.asarray(x, np.float32)))
+        return {"eval/reward_mean": f32(ro.reward), "eval/click_rate": f32(ro.clicked),
+                "eval/invalid_item_frac": f32(~np.asarray(ro.item_valid))}
+
+    def recommend(self, policy_params, n_users: int | None = None) -> list[dict]:
+        """Greedy slates for a few fixed users (the same ones every call), as titles."""
+        n_users = n_users or self.config.monitor.sample_users
+        if getattr(self, "_fixed_users_n", None) != n_users:
+            self._fixed_users = self._users(2 << 20, n_users)
+            self._fixed_users_n = n_users
+        ro = self._greedy_rollout(policy_params, self._fixed_users)
         histories = np.asarray(jax.vmap(self.env.observation, in_axes=(0, None))(
             self._fixed_users, self.env_params))
         title = lambda i: self.titles[int(i)] if i >= 0 else "(invalid)"
@@ -71,13 +115,29 @@ class PPORun:
             for u, h in enumerate(histories)
         ]
 
-    def initial(self):
-        """(state, users, key) at iteration 0."""
+    def _initial_unsharded(self):
         key = jax.random.key(self.config.seed)
         state = create_train_state(self.model, self.ppo, self.params)
         _, users = self.env.reset_batch(jax.random.fold_in(key, 1 << 20),
                                         self.config.rollout.users, self.env_params)
         return state, users, key
+
+    def initial(self):
+        """(state, users, key) at iteration 0, placed on the mesh when there is one."""
+        state, users, key = self._initial_unsharded()
+        if self.mesh is not None:
+            state, users = jax.device_put((state, users), self._shardings)
+        return state, users, key
+
+
+def _reward_options(config: Config, reward_model) -> dict:
+    if reward_model is None:
+        if config.reward.ppo_source != "simulator":
+            raise ValueError(f"reward.ppo_source={config.reward.ppo_source!r} needs a trained "
+                             "reward model (the reward stage)")
+        return {}
+    return {"reward_model": reward_model, "reward_source": config.reward.ppo_source,
+            "reward_mix": config.reward.mix}
 
 
 class Iteration:
@@ -128,8 +188,16 @@ def _stop_requests():
             signal.signal(s, h)
 
 
-def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str, Any]:
-    """Run (or resume) the PPO stage in `workdir`; returns the summary."""
+def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=None,
+            reward_model=None, profile: bool = False) -> dict[str, Any]:
+    """Run (or resume) the PPO stage in `workdir`; returns the summary.
+
+    `params`: the policy to start from (the SFT stage's), else model.init or fresh weights; the
+    reference is this starting policy. `profile`: write a JAX profiler trace of iterations
+    2-4 of this invocation (after compilation) to DIR/profile/ (TensorBoard's profile plugin or
+    Perfetto read it). `reward_model`: the trained reward model PPO's reward uses
+    (reward.ppo_source 'model' or 'mix').
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = dump_config(config)
@@ -138,14 +206,17 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
         log(f"note: {config_path} differs from this run's config; it is replaced")
     config_path.write_text(resolved)
 
-    run = PPORun(config)
+    run = PPORun(config, params, reward_model)
     state, users, key = run.initial()
     ckpt = Checkpointer(workdir / "checkpoints" / "ppo", keep=config.checkpoint.keep)
-    start = 0
+    best_ckpt = Checkpointer(workdir / "checkpoints" / "ppo_best", keep=1)
+    start, best = 0, None
     if ckpt.latest_step() is not None:
         state, users, key, record = ckpt.restore(None, state, users, key)
-        start = int(record["iteration"])
+        start, best = int(record["iteration"]), record.get("best")
         log(f"resuming the ppo stage at iteration {start} from {ckpt.directory}")
+    monitor = config.monitor
+    tracing = False
 
     metrics_path = workdir / "metrics.jsonl"
     kept = _metrics_before(metrics_path, start)
@@ -161,11 +232,26 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
         last = kept[-1] if kept else {}
         bad = 0
         for i in range(start, config.ppo.iterations):
+            if profile and i == start + 1:
+                jax.profiler.start_trace(str(workdir / "profile"))
+                tracing = True
             tick = time.perf_counter()
             state, users, metrics = run.iteration(state, users, jax.random.fold_in(key, i))
             line = {"stage": "ppo", "step": i + 1, **_scalars(metrics)}
             line["perf/sec_per_iter"] = time.perf_counter() - tick
             line["perf/tokens_per_s"] = tokens_per_iter / line["perf/sec_per_iter"]
+            if tracing and (i == start + 3 or i + 1 == config.ppo.iterations):
+                jax.profiler.stop_trace()
+                tracing = False
+                log(f"profiler trace of iterations {start + 2}-{i + 1} in {workdir / 'profile'}")
+            final = i + 1 == config.ppo.iterations
+            if monitor.eval_every and ((i + 1) % monitor.eval_every == 0 or final):
+                line.update(run.evaluate(state.policy))
+                if best is None or line["eval/reward_mean"] > best["eval_reward"]:
+                    best = {"iteration": i + 1, "eval_reward": line["eval/reward_mean"]}
+                    best_ckpt.save(i + 1, state, users, key,
+                                   {"iteration": i + 1, "best": best, "config": resolved})
+                    line["eval/best"] = 1.0
             out.write(json.dumps(line) + "\n")
             out.flush()
             board.write(line)
@@ -184,16 +270,25 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
             bar.set_postfix(reward=f"{line['reward/mean']:.3f}", kl=f"{line['kl/ref']:.3f}",
                             refresh=False)
             bar.update(1)
-            final = i + 1 == config.ppo.iterations
+            if "eval/reward_mean" in line:
+                log(f"ppo {i + 1}: held-out reward {line['eval/reward_mean']:.3f} (best "
+                    f"{best['eval_reward']:.3f} at iteration {best['iteration']})")
+            if monitor.sample_every and (i + 1) % monitor.sample_every == 0 and not final:
+                _log_samples(run.recommend(state.policy), f"ppo {i + 1}: greedy slates", log)
             if (i + 1) % config.checkpoint.every == 0 or final or stop["signal"] is not None:
-                ckpt.save(i + 1, state, users, key, {"iteration": i + 1, "config": resolved})
+                ckpt.save(i + 1, state, users, key,
+                          {"iteration": i + 1, "best": best, "config": resolved})
             if stop["signal"] is not None and not final:
                 interrupted = signal.Signals(stop["signal"]).name
                 log(f"{interrupted}: saved iteration {i + 1}; rerun the command to resume")
                 break
+    if tracing:  # the loop ended (signal) inside the traced iterations
+        jax.profiler.stop_trace()
     bar.close()
     ckpt.wait()
     ckpt.close()
+    best_ckpt.wait()
+    best_ckpt.close()
     board.close()
     write_plots(workdir, "ppo")
     before, after = run.recommend(state.frozen["ref"]), run.recommend(state.policy)
@@ -210,6 +305,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
         "reward_last": last.get("reward/mean"),
         "kl_last": last.get("kl/ref"),
         "invalid_item_frac_last": last.get("gen/invalid_item_frac"),
+        "best": best,  # {"iteration", "eval_reward"}: checkpoints/ppo_best holds that policy
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, log)
@@ -224,6 +320,12 @@ def _print_summary(summary: dict, log) -> None:
         log(f"user {n}: watched {'; '.join(s['history'])}")
         log(f"  before: {'; '.join(s['recommended_before'])}")
         log(f"  after:  {'; '.join(s['recommended_after'])}")
+
+
+def _log_samples(samples: list[dict], title: str, log) -> None:
+    log(title)
+    for n, s in enumerate(samples, 1):
+        log(f"  user {n}: watched {'; '.join(s['history'])} -> {'; '.join(s['recommended'])}")
 
 
 def _metrics_before(path: pathlib.Path, iteration: int) -> list[dict]:

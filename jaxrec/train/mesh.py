@@ -93,7 +93,7 @@ def state_specs(state: TrainState) -> TrainState:
         step=P(),
         policy=pol,
         value=val,
-        frozen={"ref": param_specs(state.model, state.frozen["ref"])},
+        frozen={name: param_specs(state.model, params) for name, params in state.frozen.items()},
         policy_opt=_opt_specs(state.policy_tx, state.policy_opt, pol),
         value_opt=_opt_specs(state.value_tx, state.value_opt, val),
         kl=jax.tree.map(lambda _: P(), state.kl),
@@ -168,3 +168,8 @@ __all__ = [
     "sharded_ppo_step",
     "state_specs",
 ]
+
+
+def row_shardings(mesh: Mesh, tree: Any) -> Any:
+    """NamedShardings splitting every leaf's leading (row) axis like a batch."""
+    return named(mesh, jax.tree.map(lambda _: _logical_to_mesh(P("batch")), tree))

@@ -100,13 +100,18 @@ def build_policy(config: Config, tokenizer, max_len: int):
     return cfg, init_params(cfg, jax.random.key(config.seed))
 
 
+# The prompt template (build_codec's defaults), recorded for export.
+TEMPLATE = {"prefix": "Watched:", "separator": ";", "suffix": ". Next:"}
+
+
 def _codec(titles, tokenizer, years, item_prefix):
-    """The codec with the first slate separator this tokenizer encodes as one token."""
+    """(codec, slate separator): the first separator this tokenizer encodes as one token."""
     error = None
     for separator in (";", "\n", ",", "|", "and"):  # " and": SentencePiece vocabularies
         try:
-            return build_codec(titles, tokenizer, years=years, item_prefix=item_prefix,
-                               slate_separator=separator)
+            codec = build_codec(titles, tokenizer, years=years, item_prefix=item_prefix,
+                                slate_separator=separator, **TEMPLATE)
+            return codec, separator
         except ValueError as err:  # e.g. a SentencePiece prefix space makes ";" two tokens
             error = err
     raise ValueError(f"no slate separator fits this tokenizer: {error}")
@@ -124,13 +129,18 @@ class Setup:
     spec: RolloutSpec  # prompt and completion shapes of a turn
     model: ModelConfig  # the policy's architecture (dtype etc. from config.model)
     params: Any  # the policy's starting params (checkpoint or fresh)
+    template: dict  # prompt prefix / separator / suffix, item prefix, slate separator, BOS
 
 
 def build_setup(config: Config) -> Setup:
     env, env_params, titles, years = build_world(config)
     tokenizer = build_tokenizer(config, titles)
     item_prefix = "" if type(tokenizer).__name__ == "Llama2cTokenizer" else " "
-    codec = _codec(titles, tokenizer, years, item_prefix)
+    codec, slate_separator = _codec(titles, tokenizer, years, item_prefix)
+    template = {**TEMPLATE, "item_prefix": item_prefix, "slate_separator": slate_separator,
+                "bos": bool(tokenizer.bos_id >= 0), "eos_id": codec.eos_id,
+                "history_items": config.rollout.history_items,
+                "slate_size": config.rollout.slate_size}
     r = config.rollout
     spec = RolloutSpec(
         slate_size=r.slate_size, prompt_len=codec.prompt_len(r.history_items),
@@ -139,4 +149,5 @@ def build_setup(config: Config) -> Setup:
     )
     model, params = build_policy(config, tokenizer, spec.prompt_len + spec.max_new_tokens)
     return Setup(config=config, env=env, env_params=env_params, titles=titles, years=years,
-                 tokenizer=tokenizer, codec=codec, spec=spec, model=model, params=params)
+                 tokenizer=tokenizer, codec=codec, spec=spec, model=model, params=params,
+                 template=template)

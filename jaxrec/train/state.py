@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -47,8 +48,12 @@ def learning_rate(peak: float, cfg: PPOConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
+@functools.lru_cache(maxsize=64)
 def make_optimizer(peak_lr: float, cfg: PPOConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW; accumulated over `grad_accum` minibatches."""
+    """Global-norm clipping, then AdamW; accumulated over `grad_accum` minibatches.
+
+    Cached: the same settings give the same (stateless) transformation object, so two states
+    built from one config have equal tree structures (jit caches and shardings match them)."""
     parts = []
     if cfg.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
