@@ -48,8 +48,11 @@ def _latest_policy(workdir: pathlib.Path, config, setup: Setup, stage: str | Non
 
         return stage, load_sft_params(config, workdir)
     from jaxrec.train.loop import PPORun
+    from jaxrec.train.stages import reward_model_for_ppo
 
-    state, users, key = PPORun(config, setup.params).initial()
+    # the restore target has the run's shapes, the reward model included when PPO used one
+    run = PPORun(config, setup.params, reward_model_for_ppo(config, workdir))
+    state, users, key = run.initial()
     ckpt = Checkpointer(workdir / "checkpoints" / stage, asynchronous=False)
     try:
         state = ckpt.restore(None, state, users, key)[0]

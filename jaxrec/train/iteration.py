@@ -7,7 +7,9 @@
     score          teacher-forced on tokens [B, T = P + R]: policy log-probs at the sampling
                    temperature, reference log-probs, values
     shape          score_b = reward_b + penalties (invalid item, missing EOS), optionally
-                   normalised / clipped, placed on the last action token;
+                   normalised / clipped, placed on the last action token; reward_b is the
+                   simulator's reward, a reward model's normalised score of the tokens, or
+                   the mix (1 - w) * simulator + w * model (`reward_source`)
                    r_t = score_t - beta * KL_t on the action tokens
     GAE            advantages and returns over the action tokens
     ppo_step       E epochs x M minibatches (see jaxrec.train.step)
@@ -40,8 +42,11 @@ from jaxrec.ppo import (
 )
 from jaxrec.rollout import Rollout, RolloutSpec, rollout
 from jaxrec.sim import Environment
+from jaxrec.train.reward_model import RewardModel, reward_scores
 from jaxrec.train.state import TrainState
 from jaxrec.train.step import PPOBatch, _values, ppo_step
+
+REWARD_SOURCES = ("simulator", "model", "mix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +60,27 @@ class ScoreSpec:
     whiten_rewards: bool = False  # whiten the shaped per-token rewards (mean kept)
 
 
+def _sequence_rewards(state: TrainState, ro: Rollout, tokens, valid,
+                      reward_model: RewardModel | None, source: str, mix: float):
+    """[B] the score each sequence earns before penalties, and its metrics.
+
+    'simulator': the rollout's reward; 'model': the reward model's normalised score of the
+    prompt + completion tokens; 'mix': (1 - mix) * simulator + mix * model. The reward model
+    is read from `state.frozen["reward"]` when the state carries one (an argument of the jitted
+    iteration, so big models are never baked into the program as constants), else the one
+    given to `build_iteration` (closed over: fine for small models and tests).
+    """
+    if source == "simulator":
+        return ro.reward, {}
+    rm = state.frozen["reward"] if "reward" in state.frozen else reward_model
+    model = jax.lax.stop_gradient(reward_scores(rm, tokens, valid))  # [B]
+    scores = model if source == "model" else (1.0 - mix) * ro.reward + mix * model
+    return scores, {"reward/model_mean": model.mean()}
+
+
 def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSpec,
-               config: PPOConfig):
+               config: PPOConfig, reward_model: RewardModel | None = None,
+               reward_source: str = "simulator", reward_mix: float = 0.5):
     cfg = state.model
     tokens = jnp.concatenate([ro.prompt, ro.completion], axis=1)  # [B, T]
     valid = jnp.concatenate([ro.prompt_valid, ro.completion_mask], axis=1)
@@ -71,8 +95,10 @@ def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSp
                                temperature=temperature, window=window, allowed=ro.allowed).logps
     old_logp = jax.lax.stop_gradient(policy.logps)
 
+    base, reward_metrics = _sequence_rewards(state, ro, tokens, valid, reward_model,
+                                             reward_source, reward_mix)
     scores = apply_penalties(
-        ro.reward, has_eos=ro.has_eos, valid=jnp.all(ro.item_valid, axis=-1),
+        base, has_eos=ro.has_eos, valid=jnp.all(ro.item_valid, axis=-1),
         missing_eos_penalty=score.missing_eos_penalty, invalid_penalty=score.invalid_penalty,
     )
     if score.normalize:
@@ -91,6 +117,7 @@ def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSp
         returns=returns, allowed=ro.allowed,
     )
     metrics["reward/score_mean"] = scores.mean()
+    metrics.update(reward_metrics)
     return batch, metrics
 
 
@@ -103,6 +130,9 @@ def build_iteration(
     score: ScoreSpec = ScoreSpec(),  # noqa: B008 (frozen dataclass)
     *,
     jit: bool = True,
+    reward_model: RewardModel | None = None,
+    reward_source: str = "simulator",
+    reward_mix: float = 0.5,
 ):
     """The iteration for one world (simulator, catalogue codec) and one set of settings.
 
@@ -110,7 +140,20 @@ def build_iteration(
     state and user states donated unless `jit=False` (to vmap it over seeds, for instance).
     A single turn's actions are the completion, the last R tokens of each row, so the
     vocabulary log-probs are computed there only (`action_window` = R unless set).
+
+    `reward_source` 'model' or 'mix' scores each sequence with a reward model (see
+    `_sequence_rewards`; `reward_mix` is the model's weight in 'mix'): pass it as
+    `reward_model`, and put it in `state.frozen["reward"]` (`with_reward_model`) so its params
+    are an argument of the jitted iteration rather than constants of the program.
     """
+    if reward_source not in REWARD_SOURCES:
+        raise ValueError(f"reward_source={reward_source!r} is not allowed; choose one of "
+                         f"{REWARD_SOURCES}")
+    if reward_source != "simulator" and reward_model is None:
+        raise ValueError(f"reward_source={reward_source!r} needs a reward_model (run the "
+                         "'reward' stage, then load_reward_model)")
+    if not 0.0 <= reward_mix <= 1.0:
+        raise ValueError(f"reward_mix={reward_mix} must be in [0, 1]")
     if config.action_window is None:
         config = config.replace(action_window=spec.max_new_tokens)
     if spec.constrained and config.action_window != spec.max_new_tokens:
@@ -123,7 +166,8 @@ def build_iteration(
         key_rollout, key_update = jax.random.split(key)
         ro, sim_state = rollout(state.model, state.policy, codec, env, env_params, sim_state,
                                 key_rollout, spec)
-        batch, metrics = _ppo_batch(state, ro, spec, score, config)
+        batch, metrics = _ppo_batch(state, ro, spec, score, config, reward_model,
+                                    reward_source, reward_mix)
         state, ppo_metrics = ppo_step(state, batch, key_update, config)
         rows = ro.reward.shape[0]
         if config.kl_adaptive:

@@ -51,6 +51,8 @@ class PPORun:
         self.ppo = config.ppo if r.temperature == 0 else config.ppo.replace(
             temperature=r.temperature)
         self.params = setup.params if params is None else params
+        # the reward model travels in the state (frozen["reward"]), not baked into the program
+        self.reward_model = reward_model if config.reward.ppo_source != "simulator" else None
         self.mesh = None
         if config.mesh.shard:
             self._build_sharded(reward_model)
@@ -118,6 +120,10 @@ class PPORun:
     def _initial_unsharded(self):
         key = jax.random.key(self.config.seed)
         state = create_train_state(self.model, self.ppo, self.params)
+        if self.reward_model is not None:
+            from jaxrec.train.reward_model import with_reward_model
+
+            state = with_reward_model(state, self.reward_model)
         _, users = self.env.reset_batch(jax.random.fold_in(key, 1 << 20),
                                         self.config.rollout.users, self.env_params)
         return state, users, key
@@ -220,7 +226,8 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
 
     metrics_path = workdir / "metrics.jsonl"
     kept = _metrics_before(metrics_path, start)
-    first_reward = kept[0]["reward/mean"] if kept else None
+    own = [x for x in kept if x.get("stage") == "ppo"]  # other stages' lines are kept too
+    first_reward = own[0]["reward/mean"] if own else None
     tokens_per_iter = config.rollout.users * run.spec.max_new_tokens
     board = TensorBoard(workdir)
     bar = tqdm.tqdm(total=config.ppo.iterations, initial=start, desc="ppo", unit="it",
@@ -229,7 +236,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
     with _stop_requests() as stop, metrics_path.open("w") as out:
         for line in kept:
             out.write(json.dumps(line) + "\n")
-        last = kept[-1] if kept else {}
+        last = own[-1] if own else {}
         bad = 0
         for i in range(start, config.ppo.iterations):
             if profile and i == start + 1:

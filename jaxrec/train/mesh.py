@@ -85,6 +85,16 @@ def _opt_specs(tx, opt_state, specs):
     )
 
 
+def _frozen_specs(model_cfg, tree):
+    """Specs of a frozen entry: reference params, or the reward model (its own params; its
+    normalisation scalars whole)."""
+    from jaxrec.train.reward_model import RewardModel
+
+    if isinstance(tree, RewardModel):
+        return tree.replace(params=param_specs(tree.model, tree.params), mean=P(), std=P())
+    return param_specs(model_cfg, tree)
+
+
 def state_specs(state: TrainState) -> TrainState:
     """A TrainState of PartitionSpecs matching `state` (concrete or abstract)."""
     pol = param_specs(state.model, state.policy)
@@ -93,7 +103,7 @@ def state_specs(state: TrainState) -> TrainState:
         step=P(),
         policy=pol,
         value=val,
-        frozen={name: param_specs(state.model, params) for name, params in state.frozen.items()},
+        frozen={name: _frozen_specs(state.model, tree) for name, tree in state.frozen.items()},
         policy_opt=_opt_specs(state.policy_tx, state.policy_opt, pol),
         value_opt=_opt_specs(state.value_tx, state.value_opt, val),
         kl=jax.tree.map(lambda _: P(), state.kl),

@@ -27,10 +27,11 @@ class TensorBoard:
         self._writer = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
 
     def write(self, line: dict) -> None:
-        step = int(line["step"])
+        step, stage = int(line["step"]), line.get("stage", "run")
         for name, value in line.items():
             if name not in ("stage", "step") and isinstance(value, int | float):
-                self._writer.add_scalar(f"{line.get('stage', 'run')}/{name}", value, step)
+                tag = name if name.startswith(stage) else f"{stage}/{name}"  # no 'sft/sft/'
+                self._writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
         self._writer.close()

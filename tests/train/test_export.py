@@ -11,7 +11,7 @@ from jaxrec.cli import main
 from jaxrec.codec import render_prompts, render_slates
 from jaxrec.config import load_config
 from jaxrec.models import logits
-from jaxrec.train.export import export, load_export, parse_slate, prompt_ids
+from jaxrec.train.export import load_export, parse_slate, prompt_ids
 from jaxrec.train.setup import build_setup
 
 TINY = ["rollout.users=8", "ppo.minibatches=2", "ppo.epochs=1", "sim.n_items=30",
