@@ -158,3 +158,38 @@ def parse_slate(completion: Sequence[int], template: dict, items: list[dict]) ->
     if block:
         slate.append(by_tokens.get(tuple(block), -1))
     return slate
+
+
+def allowed_tokens_fn(template: dict, items: list[dict], prompt_len: int,
+                      banned: Sequence[int] = ()) -> Callable:
+    """Catalogue-constrained decoding for transformers' `generate(prefix_allowed_tokens_fn=)`.
+
+    A policy trained with constrained decoding only ever learned to rank real items: left free,
+    it may put mass on strings that name nothing. This walks the items' token blocks as a
+    prefix tree, as our decoder does: inside a block only continuations of some item, after a
+    complete block the slate separator (or EOS after the last slot), and never an item already
+    in this slate or in `banned` (e.g. the history). `prompt_len` is the prompt's length in
+    tokens (the function sees prompt + generated ids).
+    """
+    blocks = {x["index"]: tuple(x["tokens"]) for x in items if x["index"] not in set(banned)}
+    k, sep, eos = template["slate_size"], template["slate_sep_id"], template["eos_id"]
+
+    def allowed(batch_id: int, ids) -> list[int]:
+        generated = [int(t) for t in ids[prompt_len:]]
+        chosen, block = [], []
+        for t in generated:
+            if t in (sep, eos):
+                chosen.append(tuple(block))
+                block = []
+            else:
+                block.append(t)
+        if generated and generated[-1] == eos:
+            return [eos]  # finished: transformers pads after EOS itself
+        prefix, n = tuple(block), len(block)
+        nxt = {b[n] for b in blocks.values() if len(b) > n and b[:n] == prefix
+               and b not in chosen}
+        if prefix in blocks.values() and prefix not in chosen:
+            nxt.add(eos if len(chosen) == k - 1 else sep)
+        return sorted(nxt) or [eos]
+
+    return allowed

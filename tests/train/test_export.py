@@ -3,6 +3,7 @@ that turn histories into prompts and generated tokens back into items."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,3 +89,39 @@ def test_export_refuses_a_used_folder_and_an_empty_run(exported, tmp_path, capsy
     assert "no trained policy" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
     assert json.loads((out / "jaxrec_template.json").read_text())["history_items"] == 2
+
+
+def test_constrained_hf_generation_gives_our_greedy_slate(exported):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxrec.codec import decode_slate, history_mask, slate_constraint
+    from jaxrec.generation import generate
+    from jaxrec.train.export import _latest_policy, allowed_tokens_fn
+
+    workdir, out = exported
+    config = load_config(workdir / "config.yaml")
+    setup = build_setup(config)
+    template, items = load_export(out)
+    _, params = _latest_policy(workdir, config, setup, "ppo")
+    tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    k = template["slate_size"]
+    for history in ([3, 17, 5], [0, 1], [29, 12, 7, 8]):
+        hist = jnp.asarray([history])
+        prompt, valid = render_prompts(setup.codec, hist, setup.spec.prompt_len)
+        banned = history_mask(setup.codec, hist)
+        ours = generate(setup.model.replace(dtype="float32"), params, prompt, valid,
+                        jax.random.key(0), max_new_tokens=setup.spec.max_new_tokens,
+                        constraint=slate_constraint(setup.codec, k, banned, setup.model.vocab_size),
+                        eos_id=template["eos_id"])
+        mine = decode_slate(setup.codec, ours.tokens, ours.mask, k, banned)[0][0].tolist()
+
+        ids = prompt_ids(lambda t: tok.encode(t, add_special_tokens=False), template, items,
+                         history, bos_id=tok.bos_token_id)
+        with torch.no_grad():
+            theirs = model.generate(
+                torch.tensor([ids]), max_new_tokens=setup.spec.max_new_tokens, do_sample=False,
+                prefix_allowed_tokens_fn=allowed_tokens_fn(template, items, len(ids), history))
+        slate = parse_slate(theirs[0, len(ids):].tolist(), template, items)
+        assert slate == mine and len(set(slate)) == k
+        assert all(0 <= i < len(items) and i not in history for i in slate)
