@@ -250,9 +250,10 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (0: greedy)
     constrained: bool = True  # decode only real, distinct catalogue items
     ban_history: bool = True  # never recommend an already consumed item
+    turns: int = 1  # recommendation turns per session (the consumed item joins the history)
 
     def __post_init__(self):
-        for name in ("users", "slate_size", "history_items"):
+        for name in ("users", "slate_size", "history_items", "turns"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
         if self.temperature < 0:

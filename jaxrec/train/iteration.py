@@ -3,15 +3,18 @@
     iteration(state, sim_state, key) -> (state, sim_state, metrics)
 
     rollout        histories -> prompts [B, P] -> constrained generation [B, R] -> slates [B, K]
-                   -> simulator step (reward [B], next users)
-    score          teacher-forced on tokens [B, T = P + R]: policy log-probs at the sampling
-                   temperature, reference log-probs, values
-    shape          score_b = reward_b + penalties (invalid item, missing EOS), optionally
-                   normalised / clipped, placed on the last action token; reward_b is the
+                   -> simulator step (reward [B], next users); with rollout turns N > 1, N
+                   such turns in one sequence per user, each prompt re-rendered from the
+                   updated history (jaxrec.rollout.Session)
+    score          teacher-forced on tokens [B, L = N (P + R)]: policy log-probs at the
+                   sampling temperature, reference log-probs, values
+    shape          score_bn = reward_bn + penalties (invalid item, missing EOS), optionally
+                   normalised / clipped, placed on turn n's last action token; reward is the
                    simulator's reward, a reward model's normalised score of the tokens, or
                    the mix (1 - w) * simulator + w * model (`reward_source`)
                    r_t = score_t - beta * KL_t on the action tokens
-    GAE            advantages and returns over the action tokens
+    GAE            advantages and returns over the action tokens (prompt tokens of later
+                   turns pass the carry through, so credit flows across turns)
     ppo_step       E epochs x M minibatches (see jaxrec.train.step)
     KL controller  beta <- adaptive or fixed update with the batch's mean KL per sequence
 
@@ -40,7 +43,7 @@ from jaxrec.ppo import (
     place_scores,
     shape_rewards,
 )
-from jaxrec.rollout import Rollout, RolloutSpec, rollout
+from jaxrec.rollout import Rollout, RolloutSpec, Session, rollout, rollout_session
 from jaxrec.sim import Environment
 from jaxrec.train.reward_model import RewardModel, reward_scores
 from jaxrec.train.state import TrainState
@@ -60,9 +63,31 @@ class ScoreSpec:
     whiten_rewards: bool = False  # whiten the shaped per-token rewards (mean kept)
 
 
-def _sequence_rewards(state: TrainState, ro: Rollout, tokens, valid,
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def session_of(ro: Rollout) -> Session:
+    """A single-turn rollout as a one-turn Session: [prompt | completion] per row."""
+    tokens = jnp.concatenate([ro.prompt, ro.completion], axis=1)  # [B, P + R]
+    valid = jnp.concatenate([ro.prompt_valid, ro.completion_mask], axis=1)
+    action = jnp.concatenate([jnp.zeros_like(ro.prompt_valid), ro.completion_mask], axis=1)
+    last = last_token_positions(action)  # [B]
+    return Session(
+        tokens=tokens, valid=valid, action=action, allowed=ro.allowed,
+        behaviour_logp=jnp.concatenate([jnp.zeros(ro.prompt.shape, jnp.float32),
+                                        jnp.where(ro.completion_mask, ro.behaviour_logp, 0.0)],
+                                       axis=1),
+        last_action=jnp.where(action.any(axis=1), last, -1)[:, None],
+        reward=ro.reward[:, None], items=ro.items[:, None], item_valid=ro.item_valid[:, None],
+        has_eos=ro.has_eos[:, None], done=ro.done[:, None], clicked=ro.clicked[:, None],
+        active=jnp.ones_like(ro.done)[:, None],
+    )
+
+
+def _sequence_rewards(state: TrainState, ro: Session, tokens, valid,
                       reward_model: RewardModel | None, source: str, mix: float):
-    """[B] the score each sequence earns before penalties, and its metrics.
+    """[B, T] the score each turn earns before penalties, and its metrics.
 
     'simulator': the rollout's reward; 'model': the reward model's normalised score of the
     prompt + completion tokens; 'mix': (1 - mix) * simulator + mix * model. The reward model
@@ -73,18 +98,16 @@ def _sequence_rewards(state: TrainState, ro: Rollout, tokens, valid,
     if source == "simulator":
         return ro.reward, {}
     rm = state.frozen["reward"] if "reward" in state.frozen else reward_model
-    model = jax.lax.stop_gradient(reward_scores(rm, tokens, valid))  # [B]
+    model = jax.lax.stop_gradient(reward_scores(rm, tokens, valid))[:, None]  # [B, 1]
     scores = model if source == "model" else (1.0 - mix) * ro.reward + mix * model
     return scores, {"reward/model_mean": model.mean()}
 
 
-def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSpec,
+def _ppo_batch(state: TrainState, ro: Session, spec: RolloutSpec, score: ScoreSpec,
                config: PPOConfig, reward_model: RewardModel | None = None,
                reward_source: str = "simulator", reward_mix: float = 0.5):
     cfg = state.model
-    tokens = jnp.concatenate([ro.prompt, ro.completion], axis=1)  # [B, T]
-    valid = jnp.concatenate([ro.prompt_valid, ro.completion_mask], axis=1)
-    action = jnp.concatenate([jnp.zeros_like(ro.prompt_valid), ro.completion_mask], axis=1)
+    tokens, valid, action = ro.tokens, ro.valid, ro.action  # [B, L] each
     temperature = spec.temperature if spec.temperature > 0 else 1.0
     window = config.action_window
     policy = sequence_scores(cfg, state.policy, tokens, valid, temperature=temperature,
@@ -97,16 +120,17 @@ def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSp
 
     base, reward_metrics = _sequence_rewards(state, ro, tokens, valid, reward_model,
                                              reward_source, reward_mix)
-    scores = apply_penalties(
+    scores = apply_penalties(  # [B, T] one score per turn
         base, has_eos=ro.has_eos, valid=jnp.all(ro.item_valid, axis=-1),
         missing_eos_penalty=score.missing_eos_penalty, invalid_penalty=score.invalid_penalty,
     )
     if score.normalize:
-        scores = normalize_scores(scores, clip=score.clip)
+        scores = normalize_scores(scores, mask=ro.active, clip=score.clip)
     else:
         scores = clip_scores(scores, score.clip)
-    last = last_token_positions(action)  # [B]
-    token_scores = place_scores(scores[:, None], last[:, None], tokens.shape[1])
+    scores = jnp.where(ro.active, scores, 0.0)
+    # each turn's score on its last action token; uncounted turns (-1) are dropped
+    token_scores = place_scores(scores, ro.last_action, tokens.shape[1])
     rewards, metrics = shape_rewards(token_scores, old_logp, ref_logp, action, state.kl.coef,
                                      kl_kind=config.kl_kind, whiten=score.whiten_rewards)
     advantages, returns = gae(rewards, values, action, config.gamma, config.lam)
@@ -116,7 +140,7 @@ def _ppo_batch(state: TrainState, ro: Rollout, spec: RolloutSpec, score: ScoreSp
         ref_logp=zero(ref_logp), old_values=zero(values), advantages=advantages,
         returns=returns, allowed=ro.allowed,
     )
-    metrics["reward/score_mean"] = scores.mean()
+    metrics["reward/score_mean"] = _masked_mean(scores, ro.active)
     metrics.update(reward_metrics)
     return batch, metrics
 
@@ -154,18 +178,30 @@ def build_iteration(
                          "'reward' stage, then load_reward_model)")
     if not 0.0 <= reward_mix <= 1.0:
         raise ValueError(f"reward_mix={reward_mix} must be in [0, 1]")
+    if spec.turns > 1 and reward_source != "simulator":
+        raise ValueError(f"reward_source={reward_source!r} scores whole single-turn sequences; "
+                         f"with rollout.turns={spec.turns} use 'simulator'")
+    # actions: the completion (one turn), or everything after the first prompt (a session)
+    window = spec.session_len - spec.prompt_len
     if config.action_window is None:
-        config = config.replace(action_window=spec.max_new_tokens)
-    if spec.constrained and config.action_window != spec.max_new_tokens:
+        config = config.replace(action_window=window)
+    if spec.constrained and config.action_window != window:
         raise ValueError(
-            f"ppo.action_window={config.action_window} must equal the completion length "
-            f"{spec.max_new_tokens} with constrained decoding (its masks cover the completion)"
+            f"ppo.action_window={config.action_window} must be {window} (the tokens after the "
+            "first prompt) with constrained decoding (its masks cover exactly those)"
         )
+
+    seg = spec.prompt_len + spec.max_new_tokens
 
     def iteration(state: TrainState, sim_state: Any, key: jax.Array):
         key_rollout, key_update = jax.random.split(key)
-        ro, sim_state = rollout(state.model, state.policy, codec, env, env_params, sim_state,
-                                key_rollout, spec)
+        if spec.turns == 1:
+            ro, sim_state = rollout(state.model, state.policy, codec, env, env_params,
+                                    sim_state, key_rollout, spec)
+            ro = session_of(ro)
+        else:
+            ro, sim_state = rollout_session(state.model, state.policy, codec, env, env_params,
+                                            sim_state, key_rollout, spec)
         batch, metrics = _ppo_batch(state, ro, spec, score, config, reward_model,
                                     reward_source, reward_mix)
         state, ppo_metrics = ppo_step(state, batch, key_update, config)
@@ -176,15 +212,19 @@ def build_iteration(
         else:
             kl = fixed_kl_update(state.kl, metrics["kl/ref"], rows)
         state = state.replace(kl=kl)
-        f32 = lambda x: jnp.mean(x.astype(jnp.float32))
+        turn = lambda x: _masked_mean(x.astype(jnp.float32), ro.active)  # over counted turns
+        lengths = jnp.stack([ro.action[:, t * seg:(t + 1) * seg].sum(-1)
+                             for t in range(spec.turns)], axis=1)  # [B, T]
         metrics.update(ppo_metrics)
         metrics.update({
-            "reward/mean": f32(ro.reward),
-            "gen/invalid_item_frac": f32(~ro.item_valid),
-            "gen/missing_eos_frac": f32(~ro.has_eos),
-            "gen/length_mean": f32(ro.completion_mask.sum(-1)),
-            "sim/click_rate": f32(ro.clicked),
-            "sim/session_end_frac": f32(ro.done),
+            "reward/mean": turn(ro.reward),
+            "reward/session_return": jnp.mean(jnp.sum(jnp.where(ro.active, ro.reward, 0), 1)),
+            "gen/invalid_item_frac": turn(jnp.mean(~ro.item_valid, axis=-1)),  # per slot
+            "gen/missing_eos_frac": turn(~ro.has_eos),
+            "gen/length_mean": turn(lengths),
+            "sim/click_rate": turn(ro.clicked),
+            "sim/session_end_frac": turn(ro.done),
+            "sim/turns_mean": jnp.mean(jnp.sum(ro.active, axis=1).astype(jnp.float32)),
             "kl/coef_next": kl.coef,
         })
         return state, sim_state, metrics

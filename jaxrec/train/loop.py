@@ -80,8 +80,8 @@ class PPORun:
                                  out_shardings=(*self._shardings, None), donate_argnums=(0, 1))
 
     def _greedy_rollout(self, policy_params, users):
-        if not hasattr(self, "_greedy"):
-            spec = dataclasses.replace(self.spec, temperature=0.0)
+        if not hasattr(self, "_greedy"):  # one greedy turn per user (the first of a session)
+            spec = dataclasses.replace(self.spec, temperature=0.0, turns=1)
             self._greedy = jax.jit(lambda p, us, k: rollout(
                 self.model, p, self.codec, self.env, self.env_params, us, k, spec)[0])
         return self._greedy(policy_params, users, jax.random.key(0))
@@ -228,7 +228,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
     kept = _metrics_before(metrics_path, start)
     own = [x for x in kept if x.get("stage") == "ppo"]  # other stages' lines are kept too
     first_reward = own[0]["reward/mean"] if own else None
-    tokens_per_iter = config.rollout.users * run.spec.max_new_tokens
+    tokens_per_iter = config.rollout.users * run.spec.max_new_tokens * run.spec.turns
     board = TensorBoard(workdir)
     bar = tqdm.tqdm(total=config.ppo.iterations, initial=start, desc="ppo", unit="it",
                     disable=not sys.stderr.isatty())

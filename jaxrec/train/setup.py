@@ -86,7 +86,7 @@ def build_policy(config: Config, tokenizer, max_len: int):
         cfg, params = load_pretrained(m.init)
         if cfg.max_len < max_len:
             raise ValueError(f"model.init={m.init} holds {cfg.max_len} positions; rollouts need "
-                             f"{max_len} (prompt + completion)")
+                             f"{max_len} (turns x (prompt + completion))")
         cfg = cfg.replace(dtype=m.dtype, cache_dtype=m.cache_dtype, remat=m.remat)
         return cfg, jax.tree.map(np.asarray, params)
     make = gpt2_config if m.family == "gpt2" else llama_config
@@ -145,9 +145,9 @@ def build_setup(config: Config) -> Setup:
     spec = RolloutSpec(
         slate_size=r.slate_size, prompt_len=codec.prompt_len(r.history_items),
         max_new_tokens=codec.slate_len(r.slate_size), temperature=r.temperature,
-        constrained=r.constrained, ban_history=r.ban_history,
+        constrained=r.constrained, ban_history=r.ban_history, turns=r.turns,
     )
-    model, params = build_policy(config, tokenizer, spec.prompt_len + spec.max_new_tokens)
+    model, params = build_policy(config, tokenizer, spec.session_len)
     return Setup(config=config, env=env, env_params=env_params, titles=titles, years=years,
                  tokenizer=tokenizer, codec=codec, spec=spec, model=model, params=params,
                  template=template)

@@ -249,3 +249,35 @@ def test_ppo_iteration_on_an_8_device_mesh_matches_one_device(tmp_path):
     for a, b in zip(jax.tree.leaves(single.policy), jax.tree.leaves(sharded.policy),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+
+
+def test_non_finite_updates_stop_the_run_without_a_checkpoint(tmp_path):
+    """A policy with an inf weight: every minibatch's gradient is non-finite, the guard skips
+    it, and after ppo.max_bad_iterations such iterations the run stops with a clear error."""
+    import pytest
+
+    from jaxrec.train.loop import run_ppo
+    from jaxrec.train.setup import build_setup
+
+    config = load_config(None, [*TINY, "ppo.iterations=5", "ppo.max_bad_iterations=2",
+                                "checkpoint.every=3", "monitor.eval_every=0"])
+    params = jax.tree.map(np.array, build_setup(config).params)
+    params["final_norm"]["scale"][0] = np.inf
+    with pytest.raises(FloatingPointError, match="2 consecutive iterations"):
+        run_ppo(config, tmp_path, params=params)
+    lines = _lines(tmp_path)
+    assert [x["ppo/skipped"] for x in lines] == [1.0, 1.0]
+    ckpts = tmp_path / "checkpoints" / "ppo"
+    assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def test_multi_turn_sessions_through_the_cli(tmp_path):
+    argv = ["ppo", "--workdir", str(tmp_path)]
+    for item in [*TINY, "ppo.iterations=2", "rollout.turns=3", "monitor.eval_every=2"]:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    lines = _lines(tmp_path)
+    assert [x["step"] for x in lines] == [1, 2]
+    assert all(1.0 <= x["sim/turns_mean"] <= 3.0 for x in lines)
+    assert all(x["gen/invalid_item_frac"] == 0.0 for x in lines)
+    assert "eval/reward_mean" in lines[-1]
