@@ -114,17 +114,22 @@ def test_held_out_evaluation_keeps_the_best_policy_and_profile_traces(tmp_path, 
     assert traces and traces[0].stat().st_size > 0
 
 
-def test_demo_config_improves_the_mean_reward(tmp_path):
-    """configs/demo.yaml as shipped (40 iterations, about a minute on 2 cores)."""
+def test_demo_config_improves_its_metrics(tmp_path):
+    """configs/demo.yaml as shipped (SFT then 40 PPO iterations, about 75 s on 2 cores): SFT
+    lowers the held-out loss, then PPO raises the mean reward."""
     import pathlib
 
     demo = pathlib.Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     assert main(["train", "--config", str(demo), "--workdir", str(tmp_path)]) == 0
-    rewards = [x["reward/mean"] for x in _lines(tmp_path)]
+    lines = _lines(tmp_path)
+    sft = [x["sft/eval_loss"] for x in lines if x["stage"] == "sft" and "sft/eval_loss" in x]
+    assert sft[-1] < 0.5 * sft[0], sft
+    ppo = [x for x in lines if x["stage"] == "ppo"]
+    rewards = [x["reward/mean"] for x in ppo]
     assert len(rewards) == 40
     first, last = np.mean(rewards[:10]), np.mean(rewards[-10:])
     assert last > first + 0.1, (first, last)
-    assert all(x["gen/invalid_item_frac"] == 0.0 for x in _lines(tmp_path))
+    assert all(x["gen/invalid_item_frac"] == 0.0 for x in ppo)
 
 
 def test_make_iteration_from_a_config():
