@@ -21,7 +21,7 @@ from jaxrec.models import init_params
 from jaxrec.rollout import RolloutSpec, rollout
 from jaxrec.sim import make_env
 from jaxrec.train import create_train_state, ppo_step
-from jaxrec.train.iteration import ScoreSpec, _ppo_batch, build_iteration
+from jaxrec.train.iteration import ScoreSpec, _ppo_batch, build_iteration, session_of
 
 SMALL = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, d_ff=1024)
 
@@ -45,7 +45,7 @@ def _time_one(dtype, env, params, codec, spec, users_state, config, repeats, see
     state = create_train_state(model, config, init_params(model, jax.random.key(0)))
     key = jax.random.key(seed)
     roll = jax.jit(lambda st, us, k: rollout(st.model, st.policy, codec, env, params, us, k, spec))
-    score = jax.jit(lambda st, ro: _ppo_batch(st, ro, spec, ScoreSpec(), config))
+    score = jax.jit(lambda st, ro: _ppo_batch(st, session_of(ro), spec, ScoreSpec(), config))
     update = jax.jit(ppo_step, static_argnums=3)
     ro, _ = roll(state, users_state, key)
     batch, _ = score(state, ro)
