@@ -65,6 +65,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import signal
 from typing import Any
 
 import jax
@@ -533,7 +534,10 @@ def run_reward(config: Config, workdir: str | pathlib.Path, log=print,
         kept = _metrics_before(metrics_path, start)
         board = TensorBoard(workdir)
         ours = [x for x in kept if x.get("stage") == "reward"]
-        with metrics_path.open("w") as out:
+        interrupted = None
+        from jaxrec.train.loop import _stop_requests  # (loop imports this module)
+
+        with _stop_requests() as stop, metrics_path.open("w") as out:
             for line in kept:
                 out.write(json.dumps(line) + "\n")
 
@@ -560,12 +564,20 @@ def run_reward(config: Config, workdir: str | pathlib.Path, log=print,
                     log(f"reward {i + 1}/{rc.steps}  loss {line['reward_model/loss']:.4f}  "
                         f"eval acc {line['reward_model/eval_acc']:.3f}  "
                         f"eval loss {line['reward_model/eval_loss']:.4f}")
-                    if not final:
-                        ckpt.save(i + 1, state, sim_state, key,
-                                  {"step": i + 1, "done": False, "mean": None, "std": None,
-                                   "config": resolved})
+                stopping = stop["signal"] is not None and not final
+                if not final and ((i + 1) % rc.eval_every == 0 or stopping):
+                    ckpt.save(i + 1, state, sim_state, key,
+                              {"step": i + 1, "done": False, "mean": None, "std": None,
+                               "config": resolved})
                 emit(line)
+                if stopping:
+                    interrupted = signal.Signals(stop["signal"]).name
+                    log(f"{interrupted}: saved reward step {i + 1}; rerun the command to resume")
+                    break
         board.close()
+        if interrupted:
+            ckpt.wait()
+            return {"stage": "reward", "steps": rc.steps, "interrupted": interrupted}
         mean, std = run.normalisation(state.params)
         if std < 1e-4:
             log(f"note: the reward model scores the starting policy's samples almost alike (std "

@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import pathlib
+import signal
 from typing import Any
 
 import jax
@@ -54,6 +55,7 @@ from jaxrec.codec import (
 )
 from jaxrec.config import Config, ModelConfig, SFTConfig
 from jaxrec.generation import Greedy, generate, sequence_scores
+from jaxrec.train.loop import _stop_requests
 from jaxrec.train.report import TensorBoard
 from jaxrec.train.setup import Setup, build_setup
 
@@ -481,8 +483,9 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     metrics_path = workdir / "metrics.jsonl"
     lines = _kept_lines(metrics_path, start)
     board = TensorBoard(workdir)
+    interrupted = None
     try:
-        with metrics_path.open("w") as out:
+        with _stop_requests() as stop, metrics_path.open("w") as out:
             out.writelines(json.dumps(x) + "\n" for x in lines)
 
             def emit(line: dict) -> None:
@@ -506,14 +509,20 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
                 if (i + 1) % sft.eval_every == 0 or final:
                     line.update(_scalars(eval_fn(state.params)))
                 emit(line)
-                if (i + 1) % config.checkpoint.every == 0 or final:
+                if (i + 1) % config.checkpoint.every == 0 or final or stop["signal"]:
                     ckpt.save(i + 1, state, _no_users(), key,
                               {"stage": STAGE, "step": i + 1, "done": final, **sizes})
+                if stop["signal"] is not None and not final:
+                    interrupted = signal.Signals(stop["signal"]).name
+                    log(f"{interrupted}: saved sft step {i + 1}; rerun the command to resume")
+                    break
         ckpt.wait()
     finally:
         ckpt.close()
         board.close()
     summary = _summary(lines, sft.steps, sizes)
+    if interrupted:
+        return {**summary, "interrupted": interrupted}
     (workdir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
     show = lambda name: "n/a" if summary[name] is None else f"{summary[name]:.3f}"
     log(f"sft: held-out loss {show('eval_loss_first')} -> {show('eval_loss_last')}, next-item "

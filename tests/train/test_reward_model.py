@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxrec.config import PPOConfig, config_from_dict
-from jaxrec.train.iteration import _sequence_rewards, build_iteration
+from jaxrec.train.iteration import _sequence_rewards, build_iteration, session_of
 from jaxrec.train.reward_model import (
     RewardRun,
     bradley_terry,
@@ -142,8 +142,8 @@ def test_ppo_iteration_scores_rollouts_with_the_reward_model(trained):
     score = jax.jit(_sequence_rewards, static_argnums=(5, 6))
     for source, expected in (("model", direct), ("simulator", ro.reward)):
         for st in (bare, with_reward_model(bare, rm)):
-            got, logged = score(st, ro, tokens, valid, rm, source, 0.5)
-            np.testing.assert_allclose(got, expected, atol=1e-5)
+            got, logged = score(st, session_of(ro), tokens, valid, rm, source, 0.5)
+            np.testing.assert_allclose(got, np.asarray(expected)[:, None], atol=1e-5)  # [B, 1]
             assert ("reward/model_mean" in logged) == (source == "model")
     with pytest.raises(ValueError, match="needs a reward_model"):
         build_iteration(PPO, spec, env, params, codec, reward_source="model")

@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from jaxrec.cli import main
 from jaxrec.config import load_config
@@ -87,3 +88,29 @@ def test_demo_on_real_movielens_latest_small(tmp_path, shared_dir):
     summary = json.loads((tmp_path / "summary.json").read_text())
     titles = {t for s in summary["samples"] for t in s["recommended_after"]}
     assert titles and "(invalid)" not in titles
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_sigterm_saves_the_stage_and_the_rerun_resumes(tmp_path, stage):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jaxrec.checkpoint import Checkpointer
+
+    argv = [sys.executable, "-m", "jaxrec", stage, "--workdir", str(tmp_path)]
+    for item in [*TINY, f"{stage}.steps=100000", f"{stage}.eval_every=100000"]:
+        argv += ["--set", item]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= 3:  # step 0 and two steps
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    ckpt = Checkpointer(tmp_path / "checkpoints" / stage)
+    assert ckpt.latest_step() == lines[-1]["step"] >= 2  # the last finished step was saved
+    ckpt.close()
