@@ -173,7 +173,8 @@ def test_multi_turn_iteration_runs_and_compiles_once(world):
     for i in range(2):
         state, users, metrics = iteration(state, users, jax.random.key(i))
     assert iteration._cache_size() == 1
-    assert 1.0 <= float(metrics["sim/turns_mean"]) <= 2.0
+    turns = float(metrics["sim/turns_mean"])
+    assert turns >= 1.0 and turns <= 2.0
     assert float(metrics["gen/invalid_item_frac"]) == 0.0
     for name in ("reward/mean", "reward/session_return", "kl/ref", "ppo/policy_loss",
                  "ppo/value_loss"):

@@ -58,7 +58,7 @@ def test_cut_examples_by_hand():
     cuts = {}
     for window, slate in zip(windows, slates, strict=True):
         u, j = divmod(int(slate[0]), 100)
-        assert 1 <= j <= lengths[u] - 2 and slate[1] == slate[0] + 1
+        assert j >= 1 and j <= lengths[u] - 2 and slate[1] == slate[0] + 1
         before = [100 * u + i if i >= 0 else -1 for i in range(j - 3, j)]
         assert window.tolist() == before  # the 3 items before the cut, -1 padded at the front
         cuts.setdefault(u, []).append(j)
