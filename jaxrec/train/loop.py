@@ -233,70 +233,72 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
     bar = tqdm.tqdm(total=config.ppo.iterations, initial=start, desc="ppo", unit="it",
                     disable=not sys.stderr.isatty())
     interrupted = None
-    with _stop_requests() as stop, metrics_path.open("w") as out:
-        for line in kept:
-            out.write(json.dumps(line) + "\n")
-        last = own[-1] if own else {}
-        bad = 0
-        for i in range(start, config.ppo.iterations):
-            if profile and i == start + 1:
-                jax.profiler.start_trace(str(workdir / "profile"))
-                tracing = True
-            tick = time.perf_counter()
-            state, users, metrics = run.iteration(state, users, jax.random.fold_in(key, i))
-            line = {"stage": "ppo", "step": i + 1, **_scalars(metrics)}
-            line["perf/sec_per_iter"] = time.perf_counter() - tick
-            line["perf/tokens_per_s"] = tokens_per_iter / line["perf/sec_per_iter"]
-            if tracing and (i == start + 3 or i + 1 == config.ppo.iterations):
-                jax.profiler.stop_trace()
-                tracing = False
-                log(f"profiler trace of iterations {start + 2}-{i + 1} in {workdir / 'profile'}")
-            final = i + 1 == config.ppo.iterations
-            if monitor.eval_every and ((i + 1) % monitor.eval_every == 0 or final):
-                line.update(run.evaluate(state.policy))
-                if best is None or line["eval/reward_mean"] > best["eval_reward"]:
-                    best = {"iteration": i + 1, "eval_reward": line["eval/reward_mean"]}
-                    best_ckpt.save(i + 1, state, users, key,
-                                   {"iteration": i + 1, "best": best, "config": resolved})
-                    line["eval/best"] = 1.0
-            out.write(json.dumps(line) + "\n")
-            out.flush()
-            board.write(line)
-            bad = bad + 1 if line["ppo/skipped"] == 1.0 else 0
-            if bad >= config.ppo.max_bad_iterations:
-                raise FloatingPointError(
-                    f"ppo: {bad} consecutive iterations had only non-finite gradients "
-                    f"(iteration {i + 1}); stopping without checkpointing them"
-                )
-            first_reward = line["reward/mean"] if first_reward is None else first_reward
-            last = line
-            if bar.disable:  # no terminal: one log line per iteration instead of the bar
-                log(f"ppo {i + 1}/{config.ppo.iterations}  reward {line['reward/mean']:.3f}  "
-                    f"kl {line['kl/ref']:.4f}  beta {line['kl/coef']:.4f}  "
-                    f"invalid {line['gen/invalid_item_frac']:.2f}")
-            bar.set_postfix(reward=f"{line['reward/mean']:.3f}", kl=f"{line['kl/ref']:.3f}",
-                            refresh=False)
-            bar.update(1)
-            if "eval/reward_mean" in line:
-                log(f"ppo {i + 1}: held-out reward {line['eval/reward_mean']:.3f} (best "
-                    f"{best['eval_reward']:.3f} at iteration {best['iteration']})")
-            if monitor.sample_every and (i + 1) % monitor.sample_every == 0 and not final:
-                _log_samples(run.recommend(state.policy), f"ppo {i + 1}: greedy slates", log)
-            if (i + 1) % config.checkpoint.every == 0 or final or stop["signal"] is not None:
-                ckpt.save(i + 1, state, users, key,
-                          {"iteration": i + 1, "best": best, "config": resolved})
-            if stop["signal"] is not None and not final:
-                interrupted = signal.Signals(stop["signal"]).name
-                log(f"{interrupted}: saved iteration {i + 1}; rerun the command to resume")
-                break
-    if tracing:  # the loop ended (signal) inside the traced iterations
-        jax.profiler.stop_trace()
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
-    best_ckpt.wait()
-    best_ckpt.close()
-    board.close()
+    try:
+        with _stop_requests() as stop, metrics_path.open("w") as out:
+            for line in kept:
+                out.write(json.dumps(line) + "\n")
+            last = own[-1] if own else {}
+            bad = 0
+            for i in range(start, config.ppo.iterations):
+                if profile and i == start + 1:
+                    jax.profiler.start_trace(str(workdir / "profile"))
+                    tracing = True
+                tick = time.perf_counter()
+                state, users, metrics = run.iteration(state, users, jax.random.fold_in(key, i))
+                line = {"stage": "ppo", "step": i + 1, **_scalars(metrics)}
+                line["perf/sec_per_iter"] = time.perf_counter() - tick
+                line["perf/tokens_per_s"] = tokens_per_iter / line["perf/sec_per_iter"]
+                if tracing and (i == start + 3 or i + 1 == config.ppo.iterations):
+                    jax.profiler.stop_trace()
+                    tracing = False
+                    log(f"profiler trace of iterations {start + 2}-{i + 1} in "
+                        f"{workdir / 'profile'}")
+                final = i + 1 == config.ppo.iterations
+                if monitor.eval_every and ((i + 1) % monitor.eval_every == 0 or final):
+                    line.update(run.evaluate(state.policy))
+                    if best is None or line["eval/reward_mean"] > best["eval_reward"]:
+                        best = {"iteration": i + 1, "eval_reward": line["eval/reward_mean"]}
+                        best_ckpt.save(i + 1, state, users, key,
+                                       {"iteration": i + 1, "best": best, "config": resolved})
+                        line["eval/best"] = 1.0
+                out.write(json.dumps(line) + "\n")
+                out.flush()
+                board.write(line)
+                bad = bad + 1 if line["ppo/skipped"] == 1.0 else 0
+                if bad >= config.ppo.max_bad_iterations:
+                    raise FloatingPointError(
+                        f"ppo: {bad} consecutive iterations had only non-finite gradients "
+                        f"(iteration {i + 1}); stopping without checkpointing them"
+                    )
+                first_reward = line["reward/mean"] if first_reward is None else first_reward
+                last = line
+                if bar.disable:  # no terminal: one log line per iteration instead of the bar
+                    log(f"ppo {i + 1}/{config.ppo.iterations}  reward {line['reward/mean']:.3f}  "
+                        f"kl {line['kl/ref']:.4f}  beta {line['kl/coef']:.4f}  "
+                        f"invalid {line['gen/invalid_item_frac']:.2f}")
+                bar.set_postfix(reward=f"{line['reward/mean']:.3f}", kl=f"{line['kl/ref']:.3f}",
+                                refresh=False)
+                bar.update(1)
+                if "eval/reward_mean" in line:
+                    log(f"ppo {i + 1}: held-out reward {line['eval/reward_mean']:.3f} (best "
+                        f"{best['eval_reward']:.3f} at iteration {best['iteration']})")
+                if monitor.sample_every and (i + 1) % monitor.sample_every == 0 and not final:
+                    _log_samples(run.recommend(state.policy), f"ppo {i + 1}: greedy slates", log)
+                if (i + 1) % config.checkpoint.every == 0 or final or stop["signal"] is not None:
+                    ckpt.save(i + 1, state, users, key,
+                              {"iteration": i + 1, "best": best, "config": resolved})
+                if stop["signal"] is not None and not final:
+                    interrupted = signal.Signals(stop["signal"]).name
+                    log(f"{interrupted}: saved iteration {i + 1}; rerun the command to resume")
+                    break
+    finally:  # also on an error: no writer threads or async savers left behind
+        if tracing:  # the loop ended (signal or error) inside the traced iterations
+            jax.profiler.stop_trace()
+        bar.close()
+        for manager in (ckpt, best_ckpt):
+            manager.wait()
+            manager.close()
+        board.close()
     write_plots(workdir, "ppo")
     before, after = run.recommend(state.frozen["ref"]), run.recommend(state.policy)
     samples = [{**b, "recommended_before": b["recommended"], "recommended_after": a["recommended"]}

@@ -68,28 +68,6 @@ def test_ppo_on_the_reward_model_needs_the_reward_stage(tmp_path, capsys):
     assert "needs a trained reward model" in err and len(err.splitlines()) == 1
 
 
-def test_demo_on_real_movielens_latest_small(tmp_path, shared_dir):
-    """configs/demo.yaml with the README's three overrides, shortened: SFT on the real
-    chronological histories, then PPO against users calibrated to the real ratings."""
-    import pathlib
-
-    demo = pathlib.Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-    argv = ["train", "--config", str(demo), "--workdir", str(tmp_path)]
-    for item in ("data.source=movielens-latest-small",
-                 f"data.dir={shared_dir / 'data' / 'movielens'}", "sim.preset=movielens",
-                 "sft.steps=4", "sft.eval_every=4", "sft.eval_users=16", "ppo.iterations=1",
-                 "monitor.eval_every=0", "rollout.users=16"):
-        argv += ["--set", item]
-    assert main(argv) == 0
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {x["stage"] for x in lines} == {"sft", "ppo"}
-    ppo = [x for x in lines if x["stage"] == "ppo"]
-    assert ppo[0]["gen/invalid_item_frac"] == 0.0 and np.isfinite(ppo[0]["reward/mean"])
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    titles = {t for s in summary["samples"] for t in s["recommended_after"]}
-    assert titles and "(invalid)" not in titles
-
-
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_sigterm_saves_the_stage_and_the_rerun_resumes(tmp_path, stage):
     import signal
