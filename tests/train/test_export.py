@@ -32,17 +32,30 @@ def exported(tmp_path_factory):
     return workdir, out
 
 
-def test_export_writes_a_folder_transformers_loads_with_our_logits(exported):
-    torch = pytest.importorskip("torch")
+@pytest.fixture(scope="module")
+def loaded(exported):
+    """The run's setup and trained params, the exported files, and transformers' view of them."""
+    pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxrec.train.export import _latest_policy
 
     workdir, out = exported
     config = load_config(workdir / "config.yaml")
     setup = build_setup(config)
     template, items = load_export(out)
+    params = _latest_policy(workdir, config, setup, "ppo")[1]
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    return setup, template, items, params, hf_tok, model
+
+
+def test_export_writes_a_folder_transformers_loads_with_our_logits(loaded):
+    import torch
+
+    setup, template, items, params, hf_tok, model = loaded
     assert template["stage"] == "ppo" and len(items) == 30
 
-    hf_tok = AutoTokenizer.from_pretrained(out)
     encode = lambda text: hf_tok.encode(text, add_special_tokens=False)
     history = [3, 17, 5]
     ids = prompt_ids(encode, template, items, history, bos_id=hf_tok.bos_token_id)
@@ -50,12 +63,8 @@ def test_export_writes_a_folder_transformers_loads_with_our_logits(exported):
     ours, valid = render_prompts(setup.codec, jnp.asarray([history]), setup.spec.prompt_len)
     assert ids == [int(t) for t, v in zip(ours[0], valid[0], strict=True) if v]
 
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits[0].numpy()
-    from jaxrec.train.export import _latest_policy
-
-    _, params = _latest_policy(workdir, config, setup, "ppo")
     mine = np.asarray(logits(setup.model.replace(dtype="float32"), params, jnp.asarray([ids])))[0]
     np.testing.assert_allclose(theirs, mine, atol=2e-4, rtol=1e-4)
     assert not np.allclose(np.asarray(params["embed"]), np.asarray(setup.params["embed"]))
@@ -91,20 +100,14 @@ def test_export_refuses_a_used_folder_and_an_empty_run(exported, tmp_path, capsy
     assert json.loads((out / "jaxrec_template.json").read_text())["history_items"] == 2
 
 
-def test_constrained_hf_generation_gives_our_greedy_slate(exported):
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_constrained_hf_generation_gives_our_greedy_slate(loaded):
+    import torch
 
     from jaxrec.codec import decode_slate, history_mask, slate_constraint
     from jaxrec.generation import generate
-    from jaxrec.train.export import _latest_policy, allowed_tokens_fn
+    from jaxrec.train.export import allowed_tokens_fn
 
-    workdir, out = exported
-    config = load_config(workdir / "config.yaml")
-    setup = build_setup(config)
-    template, items = load_export(out)
-    _, params = _latest_policy(workdir, config, setup, "ppo")
-    tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    setup, template, items, params, tok, model = loaded
     k = template["slate_size"]
     for history in ([3, 17, 5], [0, 1], [29, 12, 7, 8]):
         hist = jnp.asarray([history])
