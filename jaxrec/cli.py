@@ -135,7 +135,7 @@ def cmd_bench_ppo(args: argparse.Namespace) -> int:
 
     run(dtypes=args.dtype, users=args.users, prompt_len=args.prompt_len,
         response_len=args.response_len, epochs=args.epochs, minibatches=args.minibatches,
-        repeats=args.repeats, seed=args.seed)
+        repeats=args.repeats, seed=args.seed, old_logp=args.old_logp)
     return 0
 
 
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     bppo.add_argument("--epochs", type=int, default=4)
     bppo.add_argument("--minibatches", type=int, default=4)
     bppo.add_argument("--repeats", type=int, default=3)
+    bppo.add_argument("--old-logp", nargs="+", default=["sampler", "rescore"],
+                      choices=["sampler", "rescore"],
+                      help="behaviour log-probs from the decoder, or a teacher-forced pass")
     bppo.add_argument("--seed", type=int, default=0)
     bppo.set_defaults(func=cmd_bench_ppo)
     bupd = bench_sub.add_parser("update", help="ppo_step FLOP/s vs a bf16 matmul ceiling")

@@ -136,6 +136,9 @@ def _check_choice(section: str, name: str, value, options):
         raise ValueError(f"{key}={value!r} is not allowed; choose one of {options}")
 
 
+OLD_LOGP_SOURCES = ("rescore", "sampler")
+
+
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """Hyperparameters of the PPO update (`jaxrec.ppo_step`) and of reward shaping."""
@@ -162,6 +165,9 @@ class PPOConfig:
     adam_eps: float = 1e-8  # Adam epsilon
     max_grad_norm: float | None = 1.0  # global-norm gradient clipping (None: off)
     temperature: float = 1.0  # sampling temperature the log-probs are computed at
+    old_logp: str = "rescore"  # behaviour log-probs: 'rescore' (a teacher-forced pass of the
+    #                            policy) | 'sampler' (the decoder's own: one forward pass fewer
+    #                            per iteration, equal up to the cached decode's rounding)
     whiten_advantages: bool = True  # normalise advantages per minibatch (masked)
     shared_value: bool = False  # value head on the policy trunk instead of a separate network
     gamma: float = 1.0  # GAE discount per action token
@@ -188,6 +194,7 @@ class PPOConfig:
                 raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1")
         _check_choice("ppo", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("ppo", "kl_kind", self.kl_kind, ("k1", "k2", "k3"))
+        _check_choice("ppo", "old_logp", self.old_logp, OLD_LOGP_SOURCES)
         for name in ("clip_low", "clip_high", "policy_lr", "value_lr", "temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ppo.{name}={getattr(self, name)} must be > 0")

@@ -4,11 +4,14 @@ The "small" spec: GPT-2 family, 4 layers, 4 heads, d_model 256, vocab 4096; a ro
 64 simulated users (the synthetic world), prompts of 64 tokens, responses of 32 tokens
 (catalogue-constrained slates), 4 epochs x 4 minibatches, a policy and a separate value network.
 `sec_per_iter` times the fused, jitted iteration; the three parts are timed as separate jits of
-the same functions (so they add up to a little more). One JSON line per dtype.
+the same functions (so they add up to a little more). One JSON line per dtype and source of
+the behaviour log-probs (`old_logp`: 'sampler', the decoder's own, or 'rescore', a
+teacher-forced pass of the policy as TRL does).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax
@@ -63,16 +66,18 @@ def _time_one(dtype, env, params, codec, spec, users_state, config, repeats, see
 
 
 def run(dtypes=("float32", "bfloat16"), users=64, prompt_len=64, response_len=32, epochs=4,
-        minibatches=4, repeats=3, seed=0, print_fn=print) -> list[dict]:
+        minibatches=4, repeats=3, seed=0, old_logp=("sampler", "rescore"),
+        print_fn=print) -> list[dict]:
     env, params, codec, spec, users_state = _world(users, prompt_len, response_len, seed)
-    config = PPOConfig(epochs=epochs, minibatches=minibatches, policy_lr=1e-5, value_lr=1e-5,
-                       action_window=response_len)
     rows = []
-    for dtype in dtypes:
+    for dtype, source in itertools.product(dtypes, old_logp):
+        config = PPOConfig(epochs=epochs, minibatches=minibatches, policy_lr=1e-5,
+                           value_lr=1e-5, action_window=response_len, old_logp=source)
         row = {
             "bench": "ppo",
             "spec": "small",
             "dtype": dtype,
+            "old_logp": source,
             "users": users,
             "prompt_len": prompt_len,
             "response_len": response_len,

@@ -110,13 +110,19 @@ def _ppo_batch(state: TrainState, ro: Session, spec: RolloutSpec, score: ScoreSp
     tokens, valid, action = ro.tokens, ro.valid, ro.action  # [B, L] each
     temperature = spec.temperature if spec.temperature > 0 else 1.0
     window = config.action_window
-    policy = sequence_scores(cfg, state.policy, tokens, valid, temperature=temperature,
-                             shared_value=config.shared_value, window=window,
-                             allowed=ro.allowed)
+    policy = None  # a teacher-forced pass of the policy, when its log-probs or values are used
+    if config.old_logp == "rescore" or config.shared_value:
+        policy = sequence_scores(cfg, state.policy, tokens, valid, temperature=temperature,
+                                 shared_value=config.shared_value, window=window,
+                                 allowed=ro.allowed)
     values = policy.values if config.shared_value else _values(cfg, state.value, tokens, valid)
+    # 'sampler': the decoder's log-probs are under the same distribution (temperature, allowed
+    # tokens) as the teacher-forced pass, up to the cached decode's rounding
+    old_logp = (policy.logps if config.old_logp == "rescore"
+                else jnp.where(action, ro.behaviour_logp, 0.0))
+    old_logp = jax.lax.stop_gradient(old_logp)
     ref_logp = sequence_scores(cfg, state.frozen["ref"], tokens, valid,
                                temperature=temperature, window=window, allowed=ro.allowed).logps
-    old_logp = jax.lax.stop_gradient(policy.logps)
 
     base, reward_metrics = _sequence_rewards(state, ro, tokens, valid, reward_model,
                                              reward_source, reward_mix)

@@ -40,8 +40,9 @@ def test_bench_update_prints_flops_and_ceiling(capsys):
 def test_bench_ppo_prints_the_split(capsys):
     assert main(["bench", "ppo", "--dtype", "float32", "--users", "4", "--prompt-len", "24",
                  "--response-len", "10", "--epochs", "1", "--minibatches", "2",
-                 "--repeats", "1"]) == 0
+                 "--repeats", "1", "--old-logp", "sampler"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for key in ("sec_per_iter", "generate_sec", "score_sec", "update_sec"):
         assert row[key] > 0, key
     assert row["slate_size"] >= 1 and row["dtype"] == "float32"
+    assert row["old_logp"] == "sampler"

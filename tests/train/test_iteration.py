@@ -121,6 +121,32 @@ def test_teacher_forced_logps_under_the_constraint_equal_the_behaviour_logps(wor
     assert free_total < float(np.asarray(ro.behaviour_logp)[m].sum())
 
 
+def test_sampler_log_probs_stand_in_for_the_policy_scoring_pass(world):
+    """ppo.old_logp='sampler' takes the decoder's log-probs: the same batch up to rounding."""
+    from jaxrec.train.iteration import ScoreSpec, _ppo_batch, session_of
+
+    env, params, codec, spec, cfg = world
+    state, users = _start(world)
+    ro, _ = jax.jit(rollout, static_argnums=(0, 3, 7))(
+        cfg, state.policy, codec, env, params, users, jax.random.key(5), spec)
+    score = jax.jit(lambda st, r, c: _ppo_batch(st, session_of(r), spec, ScoreSpec(), c)[0],
+                    static_argnums=2)
+    batches = {src: score(state, ro, PPO.replace(action_window=spec.max_new_tokens,
+                                                 old_logp=src))
+               for src in ("rescore", "sampler")}
+    rescored, sampled = batches["rescore"], batches["sampler"]
+    action = np.asarray(rescored.action_mask)
+    assert action.sum() > 0
+    np.testing.assert_allclose(np.asarray(sampled.old_logp), np.asarray(rescored.old_logp),
+                               atol=2e-4)
+    assert np.all(np.asarray(sampled.old_logp)[~action] == 0.0)
+    assert not np.array_equal(np.asarray(sampled.old_logp), np.asarray(rescored.old_logp))
+    np.testing.assert_array_equal(np.asarray(sampled.old_values), np.asarray(rescored.old_values))
+    np.testing.assert_array_equal(np.asarray(sampled.ref_logp), np.asarray(rescored.ref_logp))
+    with pytest.raises(ValueError, match="ppo.old_logp='behaviour' is not allowed"):
+        PPO.replace(old_logp="behaviour")
+
+
 def _session_world(world, turns=3):
     import dataclasses
 
