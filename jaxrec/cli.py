@@ -130,6 +130,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxrec.config import BASELINES, load_config
+    from jaxrec.train.evaluate import run_eval
+
+    path = args.config or pathlib.Path(args.workdir) / "config.yaml"
+    if not pathlib.Path(path).is_file():
+        raise CliError(f"no --config given and {path} is missing (not a jaxrec work dir)")
+    config = load_config(path, args.set or [])
+    baselines = None
+    if args.baselines is not None:
+        baselines = tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+        for name in baselines:
+            if name not in BASELINES:
+                raise CliError(f"--baselines {name!r} is not allowed; choose from {BASELINES}")
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    run_eval(config, args.workdir, baselines=baselines, log=log)
+    out = pathlib.Path(args.workdir) / "eval"
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}", file=sys.stderr)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from jaxrec.train.recommend import recommend_titles, split_history
+
+    rows = recommend_titles(args.workdir, split_history(args.history), args.k, stage=args.stage)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        year = "" if row["year"] is None else f" ({row['year']})"
+        print(f"{row['rank']:3d}. {row['title']}{year}  log-prob {row['score']:.3f}")
+    return 0
+
+
 def cmd_bench_ppo(args: argparse.Namespace) -> int:
     from jaxrec.bench.ppo import run
 
@@ -186,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                      help="stored weight dtype")
     exp.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="offline ranking, validity and simulator evaluation of "
+                        "the trained policies, with baselines")
+    ev.add_argument("--config", help="YAML config (default: DIR/config.yaml of the run)")
+    ev.add_argument("--workdir", required=True, help="the run's work dir; writes DIR/eval/")
+    ev.add_argument("--baselines", help="comma-separated: popularity,bpr,sasrec "
+                    "(default: eval.baselines)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set eval.users=100")
+    ev.set_defaults(func=cmd_eval)
+
+    rec = sub.add_parser("recommend", help="top-K items a trained policy gives a history")
+    rec.add_argument("--workdir", required=True, help="the run's work dir")
+    rec.add_argument("--history", required=True, help='titles, oldest first: "title; title"')
+    rec.add_argument("-k", type=int, default=10, help="items to return")
+    rec.add_argument("--stage", choices=["ppo", "ppo_best", "sft"],
+                     help="which policy (default: ppo, else sft)")
+    rec.add_argument("--json", action="store_true", help="one JSON list instead of lines")
+    rec.set_defaults(func=cmd_recommend)
 
     plot = sub.add_parser("plot", help="redraw DIR/plots/*.png from DIR/metrics.jsonl")
     plot.add_argument("--workdir", required=True)

@@ -356,6 +356,39 @@ class MonitorConfig:
                 raise ValueError(f"monitor.{name}={getattr(self, name)} must be >= 1")
 
 
+EVAL_POLICIES = ("sft", "ppo", "ppo_best")
+BASELINES = ("popularity", "bpr", "sasrec")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`jaxrec eval`: offline ranking (MovieLens, leave-one-out) and simulator evaluation."""
+
+    policies: tuple[str, ...] = ("sft", "ppo")  # trained stages to evaluate (when present)
+    baselines: tuple[str, ...] = ()  # 'popularity' | 'bpr' | 'sasrec' (--baselines overrides)
+    seeds: int = 3  # training seeds per baseline (mean and 95% interval over them)
+    candidates: int = 20  # candidate protocol: the held-out item plus this many - 1 negatives
+    users: int | None = None  # offline users evaluated (the first N; None: all)
+    sim_users: int = 256  # simulated users (first episodes) per decoding
+    temperature: float = 1.0  # the sampled decoding's temperature (greedy is the other)
+    validity_users: int = 256  # users whose free and constrained generations are checked
+
+    def __post_init__(self):
+        for p in self.policies:
+            _check_choice("eval", "policies", p, EVAL_POLICIES)
+        for b in self.baselines:
+            _check_choice("eval", "baselines", b, BASELINES)
+        for name in ("seeds", "candidates", "sim_users", "validity_users"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
+        if self.candidates < 2:
+            raise ValueError(f"eval.candidates={self.candidates} must be >= 2")
+        if self.users is not None and self.users < 1:
+            raise ValueError(f"eval.users={self.users} must be >= 1 (or null: all)")
+        if self.temperature <= 0:
+            raise ValueError(f"eval.temperature={self.temperature} must be > 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 10  # save every N iterations (and at the end)
@@ -391,6 +424,7 @@ class Config:
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
     monitor: MonitorConfig = MonitorConfig()
+    eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
 

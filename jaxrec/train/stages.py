@@ -13,7 +13,7 @@ import json
 import pathlib
 from typing import Any
 
-from jaxrec.config import Config
+from jaxrec.config import Config, dump_config
 
 
 def _finished(workdir: pathlib.Path, stage: str) -> bool:
@@ -68,6 +68,12 @@ def run_stages(config: Config, workdir, stages=None, log=print,
     """Run `stages` (default: config.stages) in order. Writes DIR/summary.json: the last PPO
     summary's fields at the top level and every stage's summary under "stages"."""
     workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = dump_config(config)  # every stage's run leaves the config it ran with
+    config_path = workdir / "config.yaml"
+    if config_path.exists() and config_path.read_text() != resolved:
+        log(f"note: {config_path} differs from this run's config; it is replaced")
+    config_path.write_text(resolved)
     summaries: dict[str, Any] = {}
     for stage in stages or config.stages:
         summaries[stage] = run_stage(config, workdir, stage, log, profile)

@@ -1,0 +1,248 @@
+"""`jaxrec eval`: the trained policies and the baselines on one protocol, as one results table.
+
+    results = run_eval(config, workdir, baselines=("popularity", "bpr", "sasrec"))
+
+Writes `DIR/eval/results.json` ({"rows": [{"name", "protocol", "hr@10", "ndcg@10", "mrr", ...}],
+plus generative validity and simulator rows) and `DIR/eval/results.md` (a Markdown table with
+one row per model and protocol, then literature figures labelled as such).
+
+Offline ranking needs a MovieLens source (chronological leave-one-out, `jaxrec.eval.data`);
+the synthetic world has no logged interactions, so there only the simulator and validity
+sections are filled. Every LM policy is scored on the same users, histories and candidate
+lists as the baselines; baselines are trained `eval.seeds` times (mean and 95% interval).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxrec.config import Config
+from jaxrec.eval import (
+    candidate_scores,
+    exclude_items,
+    leave_one_out_protocol,
+    mean_interval,
+    ranking_metrics,
+)
+from jaxrec.train.setup import Setup, build_setup
+
+# Published figures on ML-100k, leave-one-out, full ranking, as reported in the LlamaRec paper
+# (Yue et al. 2023); its Recall@10 is HR@10 here (one held-out item per user).
+_SOURCE = "Yue et al. 2023 (LlamaRec), reported R@10 / NDCG@10"
+LITERATURE = [
+    {"name": "LlamaRec (literature)", "dataset": "movielens-100k", "protocol": "full",
+     "hr@10": 0.1524, "ndcg@10": 0.0759, "source": _SOURCE},
+    {"name": "SASRec (literature)", "dataset": "movielens-100k", "protocol": "full",
+     "hr@10": 0.0993, "ndcg@10": 0.0522, "source": _SOURCE},
+]
+TABLE_METRICS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
+POLICY_NAMES = {"sft": "SFT policy", "ppo": "RLHF policy", "ppo_best": "RLHF policy (best)"}
+
+
+def has_checkpoint(workdir: pathlib.Path, stage: str) -> bool:
+    folder = workdir / "checkpoints" / stage
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def _both_protocols(name: str, scores: np.ndarray, protocol) -> list[dict]:
+    """Rows for full ranking (history excluded) and the candidate lists, from [U, N] scores."""
+    full = ranking_metrics(exclude_items(scores, protocol.histories), protocol.targets)
+    picked = candidate_scores(scores, protocol.candidates)  # [U, C]
+    where = np.argmax(protocol.candidates == protocol.targets[:, None], axis=1)
+    cand = ranking_metrics(picked, where)
+    return [{"name": name, "protocol": "full", **full},
+            {"name": name, "protocol": "candidates", "candidates": protocol.candidates.shape[1],
+             **cand}]
+
+
+def _summarise_seeds(name: str, per_seed: list[list[dict]]) -> list[dict]:
+    """Mean over seeds with a 95% interval ('<metric>_ci95': [low, high]) per protocol."""
+    rows = []
+    for i, first in enumerate(per_seed[0]):
+        row = {k: v for k, v in first.items() if not isinstance(v, float)}
+        row.update(name=name, seeds=len(per_seed))
+        for key in (k for k, v in first.items() if isinstance(v, float)):
+            ci = mean_interval([runs[i][key] for runs in per_seed])
+            row[key] = ci["mean"]
+            row[f"{key}_ci95"] = [ci["low"], ci["high"]]
+        rows.append(row)
+    return rows
+
+
+def _policies(config: Config, workdir: pathlib.Path, setup: Setup, log) -> dict:
+    from jaxrec.train.export import _latest_policy
+
+    out = {}
+    for stage in config.eval.policies:
+        if not has_checkpoint(workdir, stage):
+            log(f"eval: no checkpoints/{stage} in {workdir}; skipping the {stage} policy")
+            continue
+        out[stage] = _latest_policy(workdir, config, setup, stage)[1]
+    return out
+
+
+def _ranking(config: Config, setup: Setup, policies: dict, baselines, log) -> tuple[list, dict]:
+    from jaxrec.data import load_movielens
+    from jaxrec.eval.baselines import fit_baseline
+    from jaxrec.eval.offline import score_items
+
+    data = config.data
+    ratings = load_movielens(data.source, data_dir=data.dir, tfds_dir=data.tfds_dir,
+                             lenient=data.lenient)
+    protocol = leave_one_out_protocol(ratings, candidates=config.eval.candidates,
+                                      seed=config.seed)
+    if config.eval.users is not None:
+        protocol = protocol.take(np.arange(min(config.eval.users, len(protocol))))
+    info = {"dataset": data.source, "users": len(protocol), "items": protocol.n_items,
+            "candidates": config.eval.candidates, "split": "leave-one-out (chronological)"}
+    rows = []
+    for stage, params in policies.items():
+        start = time.perf_counter()
+        scores = score_items(setup.model, params, setup.codec, protocol.histories,
+                             setup.spec.prompt_len, setup.spec.slate_size)
+        rows += _both_protocols(POLICY_NAMES[stage], scores, protocol)
+        log(f"eval: {stage} policy ranked {protocol.n_items} items for {len(protocol)} users "
+            f"in {time.perf_counter() - start:.1f} s (hr@10 {rows[-2]['hr@10']:.4f})")
+    for name in baselines:
+        seeds = 1 if name == "popularity" else config.eval.seeds  # popularity is deterministic
+        per_seed = []
+        for seed in range(seeds):
+            start = time.perf_counter()
+            model = fit_baseline(name, ratings, protocol, seed=config.seed + seed)
+            scores = model.scores(protocol.users, protocol.histories)
+            per_seed.append(_both_protocols(name, scores, protocol))
+            log(f"eval: {name} seed {seed} in {time.perf_counter() - start:.1f} s "
+                f"(hr@10 {per_seed[-1][0]['hr@10']:.4f})")
+        rows += _summarise_seeds(name, per_seed)
+    return rows, info
+
+
+def _generation_and_simulator(config: Config, setup: Setup, policies: dict, log) -> tuple:
+    from jaxrec.eval.offline import generative_validity
+    from jaxrec.eval.simulator import simulate_greedy_and_sampled
+
+    ev, spec = config.eval, setup.spec
+    key = jax.random.key(config.seed + 7)
+    _, users = setup.env.reset_batch(jax.random.key(config.seed + 11), ev.validity_users,
+                                     setup.env_params)
+    histories = np.asarray(jax.vmap(setup.env.observation, in_axes=(0, None))(
+        users, setup.env_params))
+    validity, simulator = [], []
+    for stage, params in policies.items():
+        name = POLICY_NAMES[stage]
+        for constrained in (False, True):
+            row = generative_validity(setup.model, params, setup.codec, histories,
+                                      spec.prompt_len, spec.slate_size, key,
+                                      constrained=constrained, temperature=0.0)
+            validity.append({"name": name, **row})
+        for row in simulate_greedy_and_sampled(
+                setup.model, params, setup.codec, setup.env, setup.env_params, key,
+                episodes=ev.sim_users, slate_size=spec.slate_size, prompt_len=spec.prompt_len,
+                max_new_tokens=spec.max_new_tokens, temperature=ev.temperature):
+            simulator.append({"name": name, **row})
+        log(f"eval: {name}: free greedy generations name real items "
+            f"{validity[-2]['item_valid_frac']:.3f} of the time; simulator return "
+            f"{simulator[-2]['return_mean']:.3f} (greedy)")
+    return validity, simulator
+
+
+def run_eval(config: Config, workdir, *, baselines: tuple[str, ...] | None = None,
+             log: Callable[[str], None] = print) -> dict:
+    """Evaluate the work dir's trained policies (`eval.policies`) and the baselines
+    (`baselines`, default `eval.baselines`); write and return the results."""
+    workdir = pathlib.Path(workdir)
+    baselines = config.eval.baselines if baselines is None else tuple(baselines)
+    movielens = config.data.source != "synthetic"
+    if baselines and not movielens:
+        raise ValueError(f"--baselines {','.join(baselines)}: baselines need logged "
+                         "interactions; data.source='synthetic' has none (use a MovieLens "
+                         "source)")
+    setup = build_setup(config)
+    policies = _policies(config, workdir, setup, log)
+    if not policies and not baselines:
+        raise FileNotFoundError(f"{workdir}: no trained policy ({', '.join(config.eval.policies)}"
+                                " checkpoints) and no baselines to evaluate")
+    results = {"rows": [], "dataset": None}
+    if movielens:
+        rows, info = _ranking(config, setup, policies, baselines, log)
+        results.update(rows=rows, **info)
+    results["validity"], results["simulator"] = _generation_and_simulator(
+        config, setup, policies, log)
+    results["literature"] = LITERATURE
+    out = workdir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "results.json", json.dumps(results, indent=2, default=_plain))
+    _write_atomic(out / "results.md", markdown_report(results))
+    return results
+
+
+def _plain(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    ci = row.get(f"{key}_ci95")
+    if ci is not None and row.get("seeds", 1) > 1:
+        return f"{value:.4f} ± {(ci[1] - ci[0]) / 2:.4f}"
+    return f"{value:.4f}"
+
+
+def markdown_report(results: dict) -> str:
+    """The results as Markdown: ranking table, literature, validity and simulator tables."""
+    lines = []
+    if results.get("rows"):
+        lines += [f"## Offline ranking: {results['dataset']}, {results['split']}, "
+                  f"{results['users']} users, {results['items']} items",
+                  "",
+                  "Full ranking excludes each user's history; candidates: the held-out item "
+                  f"and {results['candidates'] - 1} unrated items. Baselines: mean ± half the "
+                  "95% interval over seeds.",
+                  "",
+                  "| model | protocol | " + " | ".join(TABLE_METRICS) + " |",
+                  "| --- | --- |" + " ---: |" * len(TABLE_METRICS)]
+        for row in results["rows"]:
+            cells = " | ".join(_cell(row, k) for k in TABLE_METRICS)
+            lines.append(f"| {row['name']} | {row['protocol']} | {cells} |")
+        lines += ["", "Literature figures (not measured here; ML-100k, leave-one-out, full "
+                  "ranking):", "", "| model | hr@10 | ndcg@10 | source |",
+                  "| --- | ---: | ---: | --- |"]
+        for row in results["literature"]:
+            lines.append(f"| {row['name']} | {row['hr@10']:.4f} | {row['ndcg@10']:.4f} | "
+                         f"{row['source']} |")
+        lines.append("")
+    if results.get("validity"):
+        lines += ["## Generative validity (greedy)", "",
+                  "| model | constrained | item valid | slate valid |",
+                  "| --- | --- | ---: | ---: |"]
+        for row in results["validity"]:
+            lines.append(f"| {row['name']} | {row['constrained']} | "
+                         f"{row['item_valid_frac']:.3f} | {row['slate_valid_frac']:.3f} |")
+        lines.append("")
+    if results.get("simulator"):
+        keys = ("return_mean", "clicks_mean", "click_rate", "coverage", "diversity", "novelty")
+        lines += ["## Simulator (first episodes of fresh users)", "",
+                  "| model | decoding | " + " | ".join(keys) + " |",
+                  "| --- | --- |" + " ---: |" * len(keys)]
+        for row in results["simulator"]:
+            cells = " | ".join("" if row.get(k) is None else f"{row[k]:.4f}" for k in keys)
+            lines.append(f"| {row['name']} | {row['decoding']} | {cells} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""`jaxrec eval` and `jaxrec recommend` on the real ml-100k files with a tiny SFT policy."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxrec.cli import main
+from jaxrec.config import load_config
+from jaxrec.eval.offline import score_items
+from jaxrec.train.evaluate import markdown_report
+from jaxrec.train.setup import build_setup
+
+TINY = ["stages=[sft]", "data.source=movielens-100k", "sim.preset=movielens",
+        "sim.history_len=6", "rollout.history_items=3", "rollout.slate_size=2",
+        "model.d_model=32", "model.n_layers=1", "model.d_ff=64", "sft.steps=20",
+        "sft.eval_every=100", "sft.eval_users=32", "sft.batch_size=16", "sft.lr=0.003",
+        "eval.users=40", "eval.seeds=1", "eval.sim_users=16", "eval.validity_users=16"]
+
+
+def _argv(command, workdir, data_dir, extra=()):
+    argv = [command, "--workdir", str(workdir)]
+    for item in [*TINY, f"data.dir={data_dir}", *extra]:
+        argv += ["--set", item]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shared_dir):
+    workdir = tmp_path_factory.mktemp("ml100k")
+    data_dir = shared_dir / "data" / "movielens"
+    assert main(_argv("sft", workdir, data_dir)) == 0
+    return workdir, data_dir
+
+
+def test_eval_writes_ranking_validity_and_simulator_results(run, capsys):
+    workdir, data_dir = run
+    capsys.readouterr()
+    assert main(_argv("eval", workdir, data_dir) + ["--baselines", "popularity"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    assert results["dataset"] == "movielens-100k" and results["users"] == 40
+    assert results["items"] == 1682 and results["candidates"] == 20
+    rows = {(r["name"], r["protocol"]): r for r in results["rows"]}
+    assert set(rows) == {("SFT policy", "full"), ("SFT policy", "candidates"),
+                         ("popularity", "full"), ("popularity", "candidates")}
+    for row in rows.values():
+        for key in ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"):
+            assert 0.0 <= row[key] <= 1.0, (row["name"], key)
+        assert row["hr@1"] <= row["hr@5"] <= row["hr@10"] <= row["hr@20"]
+    # popularity beats chance: 10 of 20 candidates, 20 of 1682 items
+    assert rows[("popularity", "candidates")]["hr@10"] > 0.5
+    assert rows[("popularity", "full")]["hr@20"] > 20 / 1682
+
+    # the SFT row is what scoring the same users directly gives
+    config = load_config(workdir / "config.yaml")
+    from jaxrec.data import load_movielens
+    from jaxrec.eval import exclude_items, leave_one_out_protocol, ranking_metrics
+    from jaxrec.train.export import _latest_policy
+
+    setup = build_setup(config)
+    params = _latest_policy(workdir, config, setup, "sft")[1]
+    ratings = load_movielens("movielens-100k", data_dir=data_dir)
+    protocol = leave_one_out_protocol(ratings, seed=config.seed).take(np.arange(40))
+    scores = score_items(setup.model, params, setup.codec, protocol.histories,
+                         setup.spec.prompt_len, setup.spec.slate_size)
+    direct = ranking_metrics(exclude_items(scores, protocol.histories), protocol.targets)
+    assert rows[("SFT policy", "full")]["mrr"] == pytest.approx(direct["mrr"], rel=1e-6)
+
+    validity = {r["constrained"]: r for r in results["validity"]}
+    assert validity[True]["item_valid_frac"] == 1.0 == validity[True]["slate_valid_frac"]
+    assert 0.0 <= validity[False]["item_valid_frac"] <= 1.0
+    decodings = [r["decoding"] for r in results["simulator"]]
+    assert decodings == ["greedy", "sampled"]
+    for row in results["simulator"]:
+        assert 0.0 < row["coverage"] <= 1.0 and 0.0 <= row["click_rate"] <= 1.0
+    md = (workdir / "eval" / "results.md").read_text()
+    assert md == markdown_report(results) and md in printed
+    assert "| SFT policy | full |" in md and "LlamaRec (literature) | 0.1524 | 0.0759" in md
+
+
+def test_eval_errors_name_the_cause(run, tmp_path, capsys):
+    workdir, data_dir = run
+    assert main(_argv("eval", workdir, data_dir) + ["--baselines", "popularity,knn"]) == 2
+    assert "--baselines 'knn' is not allowed" in capsys.readouterr().err
+    assert main(["eval", "--workdir", str(tmp_path)]) == 2
+    assert "config.yaml is missing" in capsys.readouterr().err
+    assert main(["eval", "--config", str(workdir / "config.yaml"), "--workdir", str(tmp_path),
+                 "--set", "eval.policies=[ppo]"]) == 2
+    assert "no trained policy" in capsys.readouterr().err
+
+
+def test_recommend_prints_unseen_titles_and_names_unknown_ones(run, capsys):
+    workdir, _ = run
+    capsys.readouterr()
+    history = "Toy Story (1995); GoldenEye; Star Wars"
+    assert main(["recommend", "--workdir", str(workdir), "--history", history, "-k", "5",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert len({r["item"] for r in rows}) == 5
+    titles = {r["title"] for r in rows}
+    assert not titles & {"Toy Story", "GoldenEye", "Star Wars"}
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+    assert main(["recommend", "--workdir", str(workdir), "--history", "Toy Stroy", "-k",
+                 "3"]) == 2
+    err = capsys.readouterr().err
+    assert "'Toy Stroy' is not in the catalogue; closest: Toy Story (1995)" in err
