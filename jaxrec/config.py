@@ -367,6 +367,8 @@ class EvalConfig:
     policies: tuple[str, ...] = ("sft", "ppo")  # trained stages to evaluate (when present)
     baselines: tuple[str, ...] = ()  # 'popularity' | 'bpr' | 'sasrec' (--baselines overrides)
     seeds: int = 3  # training seeds per baseline (mean and 95% interval over them)
+    baseline_epochs: int | None = None  # most epochs of BPR and SASRec (None: their own
+    #                                     defaults; both stop early on validation HR@10)
     candidates: int = 20  # candidate protocol: the held-out item plus this many - 1 negatives
     users: int | None = None  # offline users evaluated (the first N; None: all)
     sim_users: int = 256  # simulated users (first episodes) per decoding
@@ -383,8 +385,9 @@ class EvalConfig:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
         if self.candidates < 2:
             raise ValueError(f"eval.candidates={self.candidates} must be >= 2")
-        if self.users is not None and self.users < 1:
-            raise ValueError(f"eval.users={self.users} must be >= 1 (or null: all)")
+        for name in ("users", "baseline_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1 (or null)")
         if self.temperature <= 0:
             raise ValueError(f"eval.temperature={self.temperature} must be > 0")
 

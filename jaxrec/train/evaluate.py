@@ -88,6 +88,13 @@ def _policies(config: Config, workdir: pathlib.Path, setup: Setup, log) -> dict:
     return out
 
 
+def _baseline_settings(name: str, config: Config) -> dict:
+    epochs = config.eval.baseline_epochs
+    if name == "popularity" or epochs is None:
+        return {}
+    return {"epochs": epochs, "eval_every": min(epochs, 5)}
+
+
 def _ranking(config: Config, setup: Setup, policies: dict, baselines, log) -> tuple[list, dict]:
     from jaxrec.data import load_movielens
     from jaxrec.eval.baselines import fit_baseline
@@ -115,7 +122,8 @@ def _ranking(config: Config, setup: Setup, policies: dict, baselines, log) -> tu
         per_seed = []
         for seed in range(seeds):
             start = time.perf_counter()
-            model = fit_baseline(name, ratings, protocol, seed=config.seed + seed)
+            model = fit_baseline(name, ratings, protocol, seed=config.seed + seed,
+                                 **_baseline_settings(name, config))
             scores = model.scores(protocol.users, protocol.histories)
             per_seed.append(_both_protocols(name, scores, protocol))
             log(f"eval: {name} seed {seed} in {time.perf_counter() - start:.1f} s "

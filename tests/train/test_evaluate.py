@@ -15,7 +15,8 @@ TINY = ["stages=[sft]", "data.source=movielens-100k", "sim.preset=movielens",
         "sim.history_len=6", "rollout.history_items=3", "rollout.slate_size=2",
         "model.d_model=32", "model.n_layers=1", "model.d_ff=64", "sft.steps=20",
         "sft.eval_every=100", "sft.eval_users=32", "sft.batch_size=16", "sft.lr=0.003",
-        "eval.users=40", "eval.seeds=1", "eval.sim_users=16", "eval.validity_users=16"]
+        "eval.users=40", "eval.seeds=2", "eval.baseline_epochs=2", "eval.sim_users=16",
+        "eval.validity_users=16"]
 
 
 def _argv(command, workdir, data_dir, extra=()):
@@ -36,14 +37,21 @@ def run(tmp_path_factory, shared_dir):
 def test_eval_writes_ranking_validity_and_simulator_results(run, capsys):
     workdir, data_dir = run
     capsys.readouterr()
-    assert main(_argv("eval", workdir, data_dir) + ["--baselines", "popularity"]) == 0
+    assert main(_argv("eval", workdir, data_dir) + ["--baselines", "popularity,bpr,sasrec"]) == 0
     printed = capsys.readouterr().out
     results = json.loads((workdir / "eval" / "results.json").read_text())
     assert results["dataset"] == "movielens-100k" and results["users"] == 40
     assert results["items"] == 1682 and results["candidates"] == 20
     rows = {(r["name"], r["protocol"]): r for r in results["rows"]}
-    assert set(rows) == {("SFT policy", "full"), ("SFT policy", "candidates"),
-                         ("popularity", "full"), ("popularity", "candidates")}
+    assert set(rows) == {(name, protocol) for protocol in ("full", "candidates")
+                         for name in ("SFT policy", "popularity", "bpr", "sasrec")}
+    # trained baselines: mean and 95% interval over eval.seeds seeds; popularity is one
+    assert rows[("popularity", "full")]["seeds"] == 1
+    for name in ("bpr", "sasrec"):
+        row = rows[(name, "full")]
+        assert row["seeds"] == 2
+        low, high = row["hr@10_ci95"]
+        assert low <= row["hr@10"] <= high
     for row in rows.values():
         for key in ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"):
             assert 0.0 <= row[key] <= 1.0, (row["name"], key)
