@@ -115,3 +115,22 @@ def test_recommend_prints_unseen_titles_and_names_unknown_ones(run, capsys):
                  "3"]) == 2
     err = capsys.readouterr().err
     assert "'Toy Stroy' is not in the catalogue; closest: Toy Story (1995)" in err
+
+
+def test_eval_in_the_synthetic_world_fills_validity_and_simulator_only(tmp_path, capsys):
+    tiny = ["stages=[sft]", "sim.n_items=30", "sim.n_topics=3", "rollout.history_items=2",
+            "rollout.slate_size=2", "model.d_model=32", "model.n_layers=1", "sft.steps=5",
+            "sft.eval_every=100", "sft.eval_users=16", "eval.sim_users=8",
+            "eval.validity_users=8"]
+    argv = lambda command: [command, "--workdir", str(tmp_path),
+                            *[a for item in tiny for a in ("--set", item)]]
+    assert main(argv("sft")) == 0
+    assert main([*argv("eval"), "--baselines", "bpr"]) == 2
+    assert "data.source='synthetic' has none" in capsys.readouterr().err
+    assert main(argv("eval")) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["rows"] == [] and results["dataset"] is None
+    assert [r["decoding"] for r in results["simulator"]] == ["greedy", "sampled"]
+    assert {r["constrained"] for r in results["validity"]} == {False, True}
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "Offline ranking" not in md and "| SFT policy | greedy |" in md
