@@ -101,3 +101,21 @@ def test_constrained_generation_is_always_valid_free_generation_mostly_not(world
                               constrained=False, users_per_call=2)
     # an untrained LM sampling freely over 300 tokens almost never spells a title
     assert off["item_valid_frac"] < 0.5 and off["users"] == 5 and not off["constrained"]
+
+
+def test_cutting_left_padding_and_unused_block_columns_changes_no_score(world):
+    from jaxrec.eval.offline import _trimmed
+
+    codec, cfg, params, prompt_len, histories = world
+    prompt, valid = render_prompts(codec, jnp.asarray(histories), prompt_len)
+    cut, cut_valid = _trimmed(prompt, valid, multiple=4)
+    assert cut.shape[1] < prompt.shape[1]  # history row 1 is short: there is padding to cut
+    assert int(cut_valid.sum()) == int(valid.sum())
+    lens = np.asarray(codec.item_len)
+    short = np.argsort(lens, kind="stable")[:6]  # the six shortest titles
+    items = jnp.asarray(np.broadcast_to(short, (5, 6)), jnp.int32)
+    term = terminator_of(codec, 2)
+    whole = item_log_probs(cfg, params, codec, prompt, valid, term, items)
+    fewer = item_log_probs(cfg, params, codec, cut, cut_valid, term, items,
+                           int(lens[short].max()))
+    np.testing.assert_allclose(np.asarray(fewer), np.asarray(whole), atol=1e-5)
