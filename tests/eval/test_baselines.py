@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.data import Items, load_movielens, make_ratings
+from jaxrec.data import load_movielens, make_ratings
+from jaxrec.data.movielens import make_items
 from jaxrec.eval.baselines import (
     BASELINES,
     BPR,
@@ -21,15 +22,8 @@ from jaxrec.eval.data import leave_one_out_protocol
 
 
 def _items(ids):
-    n = len(ids)
-    return Items(
-        ids=np.asarray(ids, np.int64),
-        title=np.array([f"Movie {i} (2000)" for i in ids]),
-        clean_title=np.array([f"Movie {i}" for i in ids]),
-        year=np.full(n, 2000, np.int32),
-        genres=np.zeros((n, 1), bool),
-        genre_names=("Drama",),
-    )
+    """A catalogue of placeholder dramas with these MovieLens ids (sorted)."""
+    return make_items({i: (f"Movie {i} (2000)", ("Drama",)) for i in ids})
 
 
 # (user id, item id, timestamp); per user in time order the last is test, the one before it

@@ -4,21 +4,15 @@ the comments, and on the real ml-100k files."""
 import numpy as np
 import pytest
 
-from jaxrec.data import Items, leave_one_out, load_movielens, make_ratings
+from jaxrec.data import leave_one_out, load_movielens, make_ratings
+from jaxrec.data.movielens import make_items
 from jaxrec.eval import leave_one_out_protocol
 from jaxrec.eval.metrics import candidate_scores, exclude_items, ranking_metrics, target_ranks
 
 
 def _items(ids):
-    n = len(ids)
-    return Items(
-        ids=np.asarray(ids, np.int64),
-        title=np.array([f"Movie {i} (2000)" for i in ids]),
-        clean_title=np.array([f"Movie {i}" for i in ids]),
-        year=np.full(n, 2000, np.int32),
-        genres=np.zeros((n, 1), bool),
-        genre_names=("Drama",),
-    )
+    """A catalogue of placeholder dramas with these MovieLens ids (sorted)."""
+    return make_items({i: (f"Movie {i} (2000)", ("Drama",)) for i in ids})
 
 
 # (user id, item id, timestamp), given out of order. Item ids 1..12 are all rated by someone,
