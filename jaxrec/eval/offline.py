@@ -170,13 +170,13 @@ def generative_validity(
     u = histories.shape[0]
     sampler = Greedy() if temperature == 0 else Temperature(temperature)
     new_tokens = codec.slate_len(slate_size)
-    run = jax.jit(functools.partial(_generate_slates, cfg, codec=codec, prompt_len=prompt_len,
-                                    slate_size=slate_size, sampler=sampler,
-                                    new_tokens=new_tokens, constrained=constrained))
     valid_items, valid_slates = 0, 0
     for i, (lo, hi) in enumerate(_chunks(u, users_per_call)):
         rows = np.arange(lo, lo + users_per_call).clip(max=u - 1)
-        item_ok, slate_ok = run(params, jnp.asarray(histories[rows]), jax.random.fold_in(key, i))
+        item_ok, slate_ok = _generate_slates(
+            cfg, params, codec, jnp.asarray(histories[rows]), jax.random.fold_in(key, i),
+            prompt_len=prompt_len, slate_size=slate_size, sampler=sampler,
+            new_tokens=new_tokens, constrained=constrained)
         valid_items += int(np.asarray(item_ok)[: hi - lo].sum())
         valid_slates += int(np.asarray(slate_ok)[: hi - lo].sum())
     return {
@@ -188,7 +188,9 @@ def generative_validity(
     }
 
 
-def _generate_slates(cfg, params, histories, key, *, codec, prompt_len, slate_size, sampler,
+@functools.partial(jax.jit, static_argnums=0, static_argnames=(
+    "prompt_len", "slate_size", "sampler", "new_tokens", "constrained"))
+def _generate_slates(cfg, params, codec, histories, key, *, prompt_len, slate_size, sampler,
                      new_tokens, constrained):
     """([B] valid items per slate, [B] whole slate valid) for one chunk of users."""
     prompt, valid = render_prompts(codec, histories, prompt_len)

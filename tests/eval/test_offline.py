@@ -8,6 +8,7 @@ import pytest
 from jaxrec.codec import build_codec, render_prompts
 from jaxrec.data import train_bpe_tokenizer
 from jaxrec.eval.offline import (
+    _generate_slates,
     generative_validity,
     item_log_probs,
     recommend,
@@ -101,6 +102,10 @@ def test_constrained_generation_is_always_valid_free_generation_mostly_not(world
                               constrained=False, users_per_call=2)
     # an untrained LM sampling freely over 300 tokens almost never spells a title
     assert off["item_valid_frac"] < 0.5 and off["users"] == 5 and not off["constrained"]
+    compiled = _generate_slates._cache_size()
+    again = generative_validity(cfg, params, codec, histories, prompt_len, 2, key,
+                                constrained=True)
+    assert again == on and _generate_slates._cache_size() == compiled  # no recompilation
 
 
 def test_cutting_left_padding_and_unused_block_columns_changes_no_score(world):
