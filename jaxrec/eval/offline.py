@@ -188,18 +188,32 @@ def generative_validity(
     }
 
 
+def generate_for_histories(cfg: ModelConfig, params, codec: ItemCodec, histories: jax.Array,
+                           key: jax.Array, *, slate_size: int, prompt_len: int,
+                           max_new_tokens: int, sampler, constrained: bool = True,
+                           ban_history: bool = True):
+    """(GenerationOutput, banned [B, N] bool or None): a slate generated for each history
+    [B, H], as a rollout turn does it (prompts rendered on device, catalogue-constrained
+    decoding with history items banned when `constrained`)."""
+    prompt, valid = render_prompts(codec, histories, prompt_len)
+    banned = history_mask(codec, histories) if ban_history else None
+    constraint = None
+    if constrained:
+        constraint = slate_constraint(codec, slate_size, banned, cfg.vocab_size)
+    out = generate(cfg, params, prompt, valid, key, sampler=sampler,
+                   max_new_tokens=max_new_tokens, constraint=constraint,
+                   eos_id=int(codec.eos_id))
+    return out, banned
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames=(
     "prompt_len", "slate_size", "sampler", "new_tokens", "constrained"))
 def _generate_slates(cfg, params, codec, histories, key, *, prompt_len, slate_size, sampler,
                      new_tokens, constrained):
     """([B] valid items per slate, [B] whole slate valid) for one chunk of users."""
-    prompt, valid = render_prompts(codec, histories, prompt_len)
-    constraint = None
-    if constrained:
-        constraint = slate_constraint(codec, slate_size, history_mask(codec, histories),
-                                      cfg.vocab_size)
-    out = generate(cfg, params, prompt, valid, key, sampler=sampler, max_new_tokens=new_tokens,
-                   constraint=constraint, eos_id=int(codec.eos_id))
+    out, _ = generate_for_histories(cfg, params, codec, histories, key, slate_size=slate_size,
+                                    prompt_len=prompt_len, max_new_tokens=new_tokens,
+                                    sampler=sampler, constrained=constrained)
     items, item_valid = decode_slate(codec, out.tokens, out.mask, slate_size, None)
     rows = jnp.arange(out.tokens.shape[0])
     last = out.tokens[rows, jnp.maximum(out.lengths - 1, 0)]

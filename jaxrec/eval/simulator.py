@@ -36,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxrec.codec import ItemCodec, decode_slate, history_mask, render_prompts, slate_constraint
+from jaxrec.codec import ItemCodec, decode_slate
 from jaxrec.config import ModelConfig
-from jaxrec.generation import Greedy, Temperature, generate
+from jaxrec.eval.offline import generate_for_histories
+from jaxrec.generation import Greedy, Temperature
 from jaxrec.sim.core import Environment
 from jaxrec.sim.evaluate import Episodes, episode_stats
 
@@ -65,13 +66,10 @@ def lm_slate_policy(
     sampler = Greedy() if temperature == 0 else Temperature(float(temperature))
 
     def policy(key: jax.Array, histories: jax.Array) -> jax.Array:
-        histories = jnp.asarray(histories, jnp.int32)
-        prompt, prompt_valid = render_prompts(codec, histories, prompt_len)
-        banned = history_mask(codec, histories) if ban_history else None
-        constraint = slate_constraint(codec, slate_size, banned, cfg.vocab_size)
-        out = generate(cfg, params, prompt, prompt_valid, key, sampler=sampler,
-                       max_new_tokens=max_new_tokens, constraint=constraint,
-                       eos_id=int(codec.eos_id))
+        out, banned = generate_for_histories(
+            cfg, params, codec, jnp.asarray(histories, jnp.int32), key, slate_size=slate_size,
+            prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampler=sampler,
+            ban_history=ban_history)
         items, _ = decode_slate(codec, out.tokens, out.mask, slate_size, banned)
         return items
 
