@@ -83,6 +83,16 @@ def cmd_bench_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from jaxrec.bench.memory import run
+
+    if args.rank < 0:
+        raise CliError(f"--rank {args.rank} must be >= 0 (0: full fine-tuning rows only)")
+    run(models=args.models, rank=args.rank, targets=args.targets,
+        frozen_dtype=args.frozen_dtype, as_markdown=args.markdown)
+    return 0
+
+
 def cmd_bench_sim(args: argparse.Namespace) -> int:
     from jaxrec.bench.sim import run
 
@@ -110,12 +120,18 @@ def _run_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from jaxrec.train.distributed import initialize, is_primary
     from jaxrec.train.stages import run_stages
 
-    config = _run_config(args)
+    if "://" in args.workdir:
+        raise CliError(f"--workdir {args.workdir}: a URL; give a local or mounted path (mount a "
+                       "bucket with gcsfuse, e.g. /mnt/bucket/run, for a slice's hosts to share)")
+    config = _run_config(args)  # a bad config fails before any process waits for the others
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     stages = config.stages if args.command == "train" else (args.command,)
     summary = run_stages(config, args.workdir, stages, profile=args.profile)
-    print(json.dumps(summary))
+    if is_primary():
+        print(json.dumps(summary))
     for stage_summary in summary["stages"].values():
         if stage_summary.get("interrupted"):
             return 128 + int(getattr(__import__("signal"), stage_summary["interrupted"]))
@@ -211,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="override a config key, e.g. --set ppo.iterations=10")
         run.add_argument("--profile", action="store_true",
                          help="write a JAX profiler trace of PPO iterations 2-4 to DIR/profile")
+        multi = run.add_argument_group("several processes (hosts): run the same command on each")
+        multi.add_argument("--distributed", action="store_true",
+                           help="join the multi-process runtime, detecting the coordinator, "
+                           "process count and id (Cloud TPU slices, SLURM)")
+        multi.add_argument("--coordinator", metavar="HOST:PORT",
+                           help="process 0's address (with --num-processes and --process-id)")
+        multi.add_argument("--num-processes", type=int, metavar="N")
+        multi.add_argument("--process-id", type=int, metavar="I")
         run.set_defaults(func=cmd_train)
 
     exp = sub.add_parser("export", help="write the trained policy as a Hugging Face folder")
@@ -301,6 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
     bupd.add_argument("--repeats", type=int, default=3)
     bupd.add_argument("--seed", type=int, default=0)
     bupd.set_defaults(func=cmd_bench_update)
+    bmem = bench_sub.add_parser("memory", help="computed GiB per device of an RLHF-PPO run's "
+                                "state (125M / 1B / 7B, meshes, LoRA); no device needed")
+    bmem.add_argument("--models", nargs="+", choices=["125m", "1b", "7b"], default=None,
+                      help="a subset of the models (default: all three)")
+    bmem.add_argument("--rank", type=int, default=16, help="LoRA rank of the LoRA rows (0: none)")
+    bmem.add_argument("--targets", nargs="+", default=["q", "k", "v", "o", "gate", "up", "down"],
+                      choices=["q", "k", "v", "o", "gate", "up", "down"],
+                      help="layers the LoRA rows adapt")
+    bmem.add_argument("--frozen-dtype", choices=["float32", "bfloat16"], default=None,
+                      help="storage of frozen params (default: float32 full, bfloat16 LoRA)")
+    bmem.add_argument("--markdown", action="store_true",
+                      help="a markdown table (for the README) instead of JSON lines")
+    bmem.set_defaults(func=cmd_bench_memory)
     return parser
 
 

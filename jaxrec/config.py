@@ -281,11 +281,44 @@ class PolicyConfig:
     dtype: str = "float32"  # compute dtype ('bfloat16': bf16 matmuls, f32 accumulation)
     cache_dtype: str = "float32"  # KV-cache dtype (bfloat16 on accelerators)
     remat: bool = False  # rematerialise blocks in the backward pass
+    frozen_dtype: str = "float32"  # storage of frozen params (reference / LoRA base, reward
+    #                                model): 'bfloat16' halves their memory
 
     def __post_init__(self):
         _check_choice("model", "family", self.family, FAMILIES)
         _check_choice("model", "dtype", self.dtype, DTYPES)
         _check_choice("model", "cache_dtype", self.cache_dtype, DTYPES)
+        _check_choice("model", "frozen_dtype", self.frozen_dtype, DTYPES)
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021): W x + (alpha / rank) B A x on the target layers.
+
+    With rank > 0 the PPO stage trains only adapters: the policy's base weights are frozen and
+    are also the reference policy (no second copy), and the value network is a second set of
+    adapters on the same base plus a value head. Export merges W + (alpha / rank) A B."""
+
+    rank: int = 0  # adapter rank r (0: full fine-tuning, no adapters)
+    alpha: float = 16.0  # scale numerator: the update is (alpha / rank) A B
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # adapted layers
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"lora.rank={self.rank} must be >= 0 (0: off)")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be > 0")
+        if not self.targets:
+            raise ValueError(f"lora.targets is empty; choose from {', '.join(LORA_TARGETS)}")
+        for target in self.targets:
+            _check_choice("lora", "targets", target, LORA_TARGETS)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,6 +455,7 @@ class Config:
     data: DataConfig = DataConfig()
     sim: SimConfig = SimConfig()
     model: PolicyConfig = PolicyConfig()
+    lora: LoRAConfig = LoRAConfig()
     rollout: RolloutConfig = RolloutConfig()
     ppo: PPOConfig = PPOConfig()
     sft: SFTConfig = SFTConfig()

@@ -47,7 +47,8 @@ def _time_one(dtype, env, params, codec, spec, users_state, config, repeats, see
                         eos_id=codec.eos_id, pad_id=codec.pad_id)
     state = create_train_state(model, config, init_params(model, jax.random.key(0)))
     key = jax.random.key(seed)
-    roll = jax.jit(lambda st, us, k: rollout(st.model, st.policy, codec, env, params, us, k, spec))
+    roll = jax.jit(lambda st, us, k: rollout(st.model, st.policy_params(), codec, env, params,
+                                             us, k, spec))
     score = jax.jit(lambda st, ro: _ppo_batch(st, session_of(ro), spec, ScoreSpec(), config))
     update = jax.jit(ppo_step, static_argnums=3)
     ro, _ = roll(state, users_state, key)

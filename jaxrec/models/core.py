@@ -39,8 +39,10 @@ def init_params(cfg: ModelConfig, key: jax.Array, head: str = "lm") -> dict:
     return nn.meta.unbox(boxed)
 
 
+@functools.lru_cache(maxsize=32)
 def logical_axes(cfg: ModelConfig, head: str = "lm") -> dict:
-    """The logical axis names of every param, as a pytree of PartitionSpecs (no compute)."""
+    """The logical axis names of every param, as a pytree of PartitionSpecs (no compute; one
+    trace per (config, head), cached: treat the result as read-only)."""
     boxed = jax.eval_shape(
         lambda k: make_model(cfg, head).init(k, *_dummy_inputs(cfg))["params"],
         jax.random.key(0),

@@ -286,7 +286,12 @@ class Dense(nn.Module):
         init = nn.initializers.normal(stddev=fan_in**-0.5)
         init = nn.with_logical_partitioning(init, self.axes)
         kernel = self.param("kernel", init, self.shape, pdt)
-        y = _dense(x, kernel, self.fan_in_dims, _dtype(self.cfg.dtype))
+        dt = _dtype(self.cfg.dtype)
+        y = _dense(x, kernel, self.fan_in_dims, dt)
+        if self.has_variable("params", "lora_a"):  # adapters attached (jaxrec.models.lora)
+            a = self.get_variable("params", "lora_a")  # [*In, r]
+            b = self.get_variable("params", "lora_b")  # [r, *Out], already scaled
+            y = y + _dense(_dense(x, a, self.fan_in_dims, dt), b, 1, dt)
         if self.bias_dims:
             bshape, baxes = self.shape[-self.bias_dims :], self.axes[-self.bias_dims :]
             bias = self.param(

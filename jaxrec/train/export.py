@@ -58,7 +58,7 @@ def _latest_policy(workdir: pathlib.Path, config, setup: Setup, stage: str | Non
         state = ckpt.restore(None, state, users, key)[0]
     finally:
         ckpt.close()
-    return stage, state.policy
+    return stage, state.merged_policy()
 
 
 def catalogue_entries(setup: Setup) -> list[dict]:

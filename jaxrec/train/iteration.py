@@ -112,16 +112,17 @@ def _ppo_batch(state: TrainState, ro: Session, spec: RolloutSpec, score: ScoreSp
     window = config.action_window
     policy = None  # a teacher-forced pass of the policy, when its log-probs or values are used
     if config.old_logp == "rescore" or config.shared_value:
-        policy = sequence_scores(cfg, state.policy, tokens, valid, temperature=temperature,
+        policy = sequence_scores(cfg, state.policy_params(), tokens, valid, temperature=temperature,
                                  shared_value=config.shared_value, window=window,
                                  allowed=ro.allowed)
-    values = policy.values if config.shared_value else _values(cfg, state.value, tokens, valid)
+    values = (policy.values if config.shared_value
+              else _values(cfg, state.value_params(), tokens, valid))
     # 'sampler': the decoder's log-probs are under the same distribution (temperature, allowed
     # tokens) as the teacher-forced pass, up to the cached decode's rounding
     old_logp = (policy.logps if config.old_logp == "rescore"
                 else jnp.where(action, ro.behaviour_logp, 0.0))
     old_logp = jax.lax.stop_gradient(old_logp)
-    ref_logp = sequence_scores(cfg, state.frozen["ref"], tokens, valid,
+    ref_logp = sequence_scores(cfg, state.ref_params, tokens, valid,
                                temperature=temperature, window=window, allowed=ro.allowed).logps
 
     base, reward_metrics = _sequence_rewards(state, ro, tokens, valid, reward_model,
@@ -201,12 +202,13 @@ def build_iteration(
 
     def iteration(state: TrainState, sim_state: Any, key: jax.Array):
         key_rollout, key_update = jax.random.split(key)
+        policy = state.policy_params()
         if spec.turns == 1:
-            ro, sim_state = rollout(state.model, state.policy, codec, env, env_params,
-                                    sim_state, key_rollout, spec)
+            ro, sim_state = rollout(state.model, policy, codec, env, env_params, sim_state,
+                                    key_rollout, spec)
             ro = session_of(ro)
         else:
-            ro, sim_state = rollout_session(state.model, state.policy, codec, env, env_params,
+            ro, sim_state = rollout_session(state.model, policy, codec, env, env_params,
                                             sim_state, key_rollout, spec)
         batch, metrics = _ppo_batch(state, ro, spec, score, config, reward_model,
                                     reward_source, reward_mix)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -29,9 +30,11 @@ import tqdm
 from jaxrec.checkpoint import Checkpointer
 from jaxrec.config import Config, dump_config
 from jaxrec.rollout import rollout
+from jaxrec.train.distributed import is_primary, primary_log
 from jaxrec.train.iteration import build_iteration
 from jaxrec.train.report import TensorBoard, write_plots
 from jaxrec.train.setup import build_setup
+from jaxrec.train.stages import write_config
 from jaxrec.train.state import create_train_state
 
 
@@ -64,6 +67,9 @@ class PPORun:
         """The iteration jitted over the configured mesh: sharding only at the jit boundary
         (state by the logical-axis rules, users' rows over data x fsdp); GSPMD partitions the
         rollout, scoring and update inside, with the same global semantics as one device."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
         from jaxrec.train.mesh import make_mesh, named, row_shardings, state_specs
 
         m = self.config.mesh
@@ -74,22 +80,35 @@ class PPORun:
                              f"mesh's data x fsdp = {rows} devices")
         raw = build_iteration(self.ppo, self.spec, self.env, self.env_params, self.codec,
                               jit=False, **_reward_options(self.config, reward_model))
-        state, users, _ = jax.eval_shape(self._initial_unsharded)
+        state, users, _ = jax.eval_shape(self._initial_unsharded, self.params,
+                                         self.reward_model)
         self._shardings = (named(self.mesh, state_specs(state)), row_shardings(self.mesh, users))
-        self.iteration = jax.jit(raw, in_shardings=(*self._shardings, None),
-                                 out_shardings=(*self._shardings, None), donate_argnums=(0, 1))
+        # metrics (and the key) whole on every device, so every host can read them
+        self._replicated = NamedSharding(self.mesh, P())
+        self.iteration = jax.jit(raw, in_shardings=(*self._shardings, self._replicated),
+                                 out_shardings=(*self._shardings, self._replicated),
+                                 donate_argnums=(0, 1))
+
+    def _on_mesh(self) -> dict:
+        """jit options placing outputs whole on every device of the mesh (none without one)."""
+        return {} if self.mesh is None else {"out_shardings": self._replicated}
 
     def _greedy_rollout(self, policy_params, users):
         if not hasattr(self, "_greedy"):  # one greedy turn per user (the first of a session)
             spec = dataclasses.replace(self.spec, temperature=0.0, turns=1)
             self._greedy = jax.jit(lambda p, us, k: rollout(
-                self.model, p, self.codec, self.env, self.env_params, us, k, spec)[0])
-        return self._greedy(policy_params, users, jax.random.key(0))
+                self.model, p, self.codec, self.env, self.env_params, us, k, spec)[0],
+                **self._on_mesh())
+        return self._greedy(policy_params, users, self._key(0))
+
+    def _key(self, seed: int) -> jax.Array:
+        return jax.jit(lambda: jax.random.key(seed), **self._on_mesh())()
 
     def _users(self, salt: int, n: int):
         """A fixed draw of n simulated users, apart from the training users (salt 1 << 20)."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), salt)
-        return self.env.reset_batch(key, n, self.env_params)[1]
+        draw = lambda: self.env.reset_batch(key, n, self.env_params)[1]
+        return jax.jit(draw, **self._on_mesh())()
 
     def evaluate(self, policy_params) -> dict[str, float]:
         """Greedy slates for `monitor.eval_users` held-out users: mean simulator reward, click
@@ -117,23 +136,29 @@ class PPORun:
             for u, h in enumerate(histories)
         ]
 
-    def _initial_unsharded(self):
+    def _initial_unsharded(self, params, reward_model):
         key = jax.random.key(self.config.seed)
-        state = create_train_state(self.model, self.ppo, self.params)
-        if self.reward_model is not None:
+        lora = self.config.lora if self.config.lora.rank else None
+        frozen_dtype = self.config.model.frozen_dtype
+        state = create_train_state(self.model, self.ppo, params, adapters=lora,
+                                   key=jax.random.fold_in(key, 2 << 20),
+                                   frozen_dtype=frozen_dtype)
+        if reward_model is not None:
             from jaxrec.train.reward_model import with_reward_model
 
-            state = with_reward_model(state, self.reward_model)
+            state = with_reward_model(state, reward_model, frozen_dtype)
         _, users = self.env.reset_batch(jax.random.fold_in(key, 1 << 20),
                                         self.config.rollout.users, self.env_params)
         return state, users, key
 
     def initial(self):
-        """(state, users, key) at iteration 0, placed on the mesh when there is one."""
-        state, users, key = self._initial_unsharded()
-        if self.mesh is not None:
-            state, users = jax.device_put((state, users), self._shardings)
-        return state, users, key
+        """(state, users, key) at iteration 0. With a mesh, one jitted init writes each array
+        straight into its shards (on several hosts, each computes and holds only its own)."""
+        if self.mesh is None:
+            return self._initial_unsharded(self.params, self.reward_model)
+        init = jax.jit(self._initial_unsharded,
+                       out_shardings=(*self._shardings, self._replicated))
+        return init(self.params, self.reward_model)
 
 
 def _reward_options(config: Config, reward_model) -> dict:
@@ -206,11 +231,9 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    log, primary = primary_log(log), is_primary()  # several hosts: process 0 writes the files
+    write_config(config, workdir, log)
     resolved = dump_config(config)
-    config_path = workdir / "config.yaml"
-    if config_path.exists() and config_path.read_text() != resolved:
-        log(f"note: {config_path} differs from this run's config; it is replaced")
-    config_path.write_text(resolved)
 
     run = PPORun(config, params, reward_model)
     state, users, key = run.initial()
@@ -229,12 +252,12 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
     own = [x for x in kept if x.get("stage") == "ppo"]  # other stages' lines are kept too
     first_reward = own[0]["reward/mean"] if own else None
     tokens_per_iter = config.rollout.users * run.spec.max_new_tokens * run.spec.turns
-    board = TensorBoard(workdir)
+    board = TensorBoard(workdir, enabled=primary)
     bar = tqdm.tqdm(total=config.ppo.iterations, initial=start, desc="ppo", unit="it",
-                    disable=not sys.stderr.isatty())
+                    disable=not (primary and sys.stderr.isatty()))
     interrupted = None
     try:
-        with _stop_requests() as stop, metrics_path.open("w") as out:
+        with _stop_requests() as stop, _metrics_writer(metrics_path, primary) as out:
             for line in kept:
                 out.write(json.dumps(line) + "\n")
             last = own[-1] if own else {}
@@ -255,7 +278,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
                         f"{workdir / 'profile'}")
                 final = i + 1 == config.ppo.iterations
                 if monitor.eval_every and ((i + 1) % monitor.eval_every == 0 or final):
-                    line.update(run.evaluate(state.policy))
+                    line.update(run.evaluate(state.policy_params()))
                     if best is None or line["eval/reward_mean"] > best["eval_reward"]:
                         best = {"iteration": i + 1, "eval_reward": line["eval/reward_mean"]}
                         best_ckpt.save(i + 1, state, users, key,
@@ -283,7 +306,8 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
                     log(f"ppo {i + 1}: held-out reward {line['eval/reward_mean']:.3f} (best "
                         f"{best['eval_reward']:.3f} at iteration {best['iteration']})")
                 if monitor.sample_every and (i + 1) % monitor.sample_every == 0 and not final:
-                    _log_samples(run.recommend(state.policy), f"ppo {i + 1}: greedy slates", log)
+                    _log_samples(run.recommend(state.policy_params()),
+                                 f"ppo {i + 1}: greedy slates", log)
                 if (i + 1) % config.checkpoint.every == 0 or final or stop["signal"] is not None:
                     ckpt.save(i + 1, state, users, key,
                               {"iteration": i + 1, "best": best, "config": resolved})
@@ -299,8 +323,9 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
             manager.wait()
             manager.close()
         board.close()
-    write_plots(workdir, "ppo")
-    before, after = run.recommend(state.frozen["ref"]), run.recommend(state.policy)
+    if primary:
+        write_plots(workdir, "ppo")
+    before, after = run.recommend(state.ref_params), run.recommend(state.policy_params())
     samples = [{**b, "recommended_before": b["recommended"], "recommended_after": a["recommended"]}
                for b, a in zip(before, after, strict=True)]
     for s in samples:
@@ -316,9 +341,15 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
         "invalid_item_frac_last": last.get("gen/invalid_item_frac"),
         "best": best,  # {"iteration", "eval_reward"}: checkpoints/ppo_best holds that policy
     }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if primary:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary, log)
     return summary
+
+
+def _metrics_writer(path: pathlib.Path, primary: bool):
+    """DIR/metrics.jsonl opened for writing on process 0; a sink on the others."""
+    return path.open("w") if primary else open(os.devnull, "w")  # noqa: SIM115
 
 
 def _print_summary(summary: dict, log) -> None:

@@ -69,12 +69,26 @@ def param_specs(model_cfg, params) -> Any:
                   jax.tree_util.tree_leaves_with_path(names, is_leaf=lambda x: isinstance(x, P))}
 
     def spec_for(path, leaf):
+        name = getattr(path[-1], "key", None)
+        if name in ("lora_a", "lora_b"):  # a LoRA factor follows its kernel's in / out axes
+            return _logical_to_mesh(_adapter_axes(flat_names, path, name, leaf.ndim))
         logical = flat_names.get(jax.tree_util.keystr(path))
         if logical is None:
             raise ValueError(f"param {jax.tree_util.keystr(path)} has no logical axes")
         return _logical_to_mesh(logical)
 
     return jax.tree_util.tree_map_with_path(spec_for, params)
+
+
+def _adapter_axes(flat_names: dict, path, name: str, ndim: int) -> P:
+    """Logical axes of A [*In, r] (the kernel's input axes, rank whole) or B [r, *Out]."""
+    kernel = flat_names.get(jax.tree_util.keystr((*path[:-1], jax.tree_util.DictKey("kernel"))))
+    if kernel is None:
+        raise ValueError(f"adapter {jax.tree_util.keystr(path)} sits on no known kernel")
+    axes = tuple(kernel)
+    if name == "lora_a":
+        return P(*axes[: ndim - 1], None)
+    return P(None, *axes[len(axes) - (ndim - 1):])
 
 
 def _opt_specs(tx, opt_state, specs):

@@ -21,12 +21,17 @@ def read_metrics(workdir: str | pathlib.Path, stage: str | None = None) -> list[
 class TensorBoard:
     """Scalars per iteration under DIR/tb (tensorboardX's event writer)."""
 
-    def __init__(self, workdir: str | pathlib.Path):
-        from tensorboardX import SummaryWriter
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+        """`enabled=False`: write nothing (the other processes of a multi-host run)."""
+        self._writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+            self._writer = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
 
     def write(self, line: dict) -> None:
+        if self._writer is None:
+            return
         step, stage = int(line["step"]), line.get("stage", "run")
         for name, value in line.items():
             if name not in ("stage", "step") and isinstance(value, int | float):
@@ -34,7 +39,8 @@ class TensorBoard:
                 self._writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _smooth(values: list[float], k: int = 5) -> list[float]:

@@ -115,11 +115,17 @@ def reward_scores(rm: RewardModel, tokens: jax.Array, valid: jax.Array) -> jax.A
     return (raw_scores(rm.model, rm.params, tokens, valid) - rm.mean) / rm.std
 
 
-def with_reward_model(state, rm: RewardModel):
+def with_reward_model(state, rm: RewardModel, frozen_dtype: str = "float32"):
     """A PPO TrainState carrying a copy of `rm` in `state.frozen["reward"]` (never trained; an
     argument of the jitted iteration, and part of the PPO checkpoint). A copy, because the
-    iteration donates its state: `rm` itself stays usable."""
-    return state.replace(frozen={**state.frozen, "reward": jax.tree.map(jnp.copy, rm)})
+    iteration donates its state: `rm` itself stays usable. `frozen_dtype` 'bfloat16' stores
+    its params in bfloat16 (its normalisation scalars stay float32)."""
+    params = rm.params
+    if frozen_dtype == "bfloat16":
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    rm = rm.replace(params=jax.tree.map(jnp.copy, params), mean=jnp.copy(rm.mean),
+                    std=jnp.copy(rm.std))
+    return state.replace(frozen={**state.frozen, "reward": rm})
 
 
 def bradley_terry(chosen: jax.Array, rejected: jax.Array, weight: jax.Array):

@@ -547,7 +547,7 @@ def load_sft_params(config: Config, workdir: str | pathlib.Path, like: Any = Non
             like = build_setup(config).params
         tx = make_sft_optimizer(config.sft)
         target = jax.eval_shape(lambda p: init_sft_state(p, tx), like)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               target)
         state, _, _, record = ckpt.restore(step, target, _no_users(), jax.random.key(0))

@@ -14,6 +14,12 @@ import pathlib
 from typing import Any
 
 from jaxrec.config import Config, dump_config
+from jaxrec.train.distributed import (
+    is_primary,
+    multi_process,
+    primary_log,
+    require_single_process,
+)
 
 
 def _finished(workdir: pathlib.Path, stage: str) -> bool:
@@ -44,9 +50,22 @@ def reward_model_for_ppo(config: Config, workdir: pathlib.Path):
     return load_reward_model(config, workdir)
 
 
+def write_config(config: Config, workdir: pathlib.Path, log) -> None:
+    """DIR/config.yaml: the resolved config every stage's run leaves (process 0 writes it)."""
+    if not is_primary():
+        return
+    resolved = dump_config(config)
+    config_path = workdir / "config.yaml"
+    if config_path.exists() and config_path.read_text() != resolved:
+        log(f"note: {config_path} differs from this run's config; it is replaced")
+    config_path.write_text(resolved)
+
+
 def run_stage(config: Config, workdir, stage: str, log=print, profile: bool = False) -> dict:
     """Run (or resume) one stage; returns its summary."""
     workdir = pathlib.Path(workdir)
+    if stage in ("sft", "reward"):
+        require_single_process(stage)
     if stage == "sft":
         from jaxrec.train.sft import run_sft
 
@@ -69,16 +88,17 @@ def run_stages(config: Config, workdir, stages=None, log=print,
     summary's fields at the top level and every stage's summary under "stages"."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    resolved = dump_config(config)  # every stage's run leaves the config it ran with
-    config_path = workdir / "config.yaml"
-    if config_path.exists() and config_path.read_text() != resolved:
-        log(f"note: {config_path} differs from this run's config; it is replaced")
-    config_path.write_text(resolved)
+    log = primary_log(log)
+    write_config(config, workdir, log)
     summaries: dict[str, Any] = {}
     for stage in stages or config.stages:
+        if stage in ("sft", "reward") and multi_process() and _finished(workdir, stage):
+            continue  # trained earlier on one process; PPO on all hosts starts from it
         summaries[stage] = run_stage(config, workdir, stage, log, profile)
         if summaries[stage].get("interrupted"):
             break
+    if not is_primary():
+        return {"stages": summaries}
     path = workdir / "summary.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     merged = {**previous.get("stages", {}), **summaries}

@@ -92,6 +92,7 @@ def _minibatch_indices(key, rows, config: PPOConfig):
 
 def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, config):
     cfg, axis = state.model, config.data_axis
+    policy = state.policy_params(policy)  # differentiable in the trainable part (LoRA: adapters)
     scores = sequence_scores(
         cfg, policy, mb.tokens, mb.valid, temperature=config.temperature,
         shared_value=config.shared_value, window=config.action_window, allowed=mb.allowed,
@@ -122,7 +123,7 @@ def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, co
 
 
 def _value_objective(value, state: TrainState, mb: PPOBatch, den, config):
-    values = _values(state.model, value, mb.tokens, mb.valid)
+    values = _values(state.model, state.value_params(value), mb.tokens, mb.valid)
     return value_loss(values, mb.old_values, mb.returns, mb.action_mask,
                       clip=config.value_clip, den=den)
 

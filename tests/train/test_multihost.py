@@ -1,0 +1,100 @@
+"""Several processes (JAX's multi-process runtime with CPU gloo collectives on localhost):
+two processes of two devices each run the PPO stage on one 4-device mesh, end with identical
+params, equal to one process of four devices with the same global batch, and only process 0
+writes the run's files."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxrec.cli import main
+
+WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
+ROOT = WORKER.parents[2]
+TINY = ["rollout.users=8", "ppo.minibatches=2", "ppo.epochs=1", "sim.n_items=30",
+        "sim.n_topics=3", "rollout.history_items=2", "model.d_model=32", "model.n_layers=1",
+        "ppo.iterations=2", "monitor.eval_every=1", "monitor.sample_every=1", "mesh.shard=true"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(workdir, out, devices, *multi):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+    cmd = [sys.executable, str(WORKER), str(workdir), str(out), str(devices), *map(str, multi),
+           "--", *TINY]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finish(proc, timeout=900):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_two_processes_train_as_one_four_device_run(tmp_path):
+    port = _free_port()
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    procs = [_spawn(multi, tmp_path / f"p{i}.npz", 2, f"localhost:{port}", 2, i)
+             for i in range(2)]
+    procs.append(_spawn(single, tmp_path / "single.npz", 4))
+    logs = [_finish(p) for p in procs]
+
+    p0, p1, one = (np.load(tmp_path / f"{n}.npz") for n in ("p0", "p1", "single"))
+    assert int(p0["process_count"]) == 2 and int(one["process_count"]) == 1
+    names = [k for k in p0.files if k != "process_count"]
+    assert len(names) > 10
+    for name in names:
+        np.testing.assert_array_equal(p0[name], p1[name], err_msg=name)  # one replica
+        np.testing.assert_allclose(p0[name], one[name], atol=1e-6, err_msg=name)
+    assert any(not np.allclose(p0[n], 0) for n in names)
+
+    # process 0 alone logs and writes the run's files; both wrote the checkpoint together
+    assert "held-out reward" in logs[0] and "held-out reward" not in logs[1]
+    steps = lambda d: [json.loads(x)["step"]
+                       for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert steps(multi) == steps(single) == [1, 2]
+    for name in ("summary.json", "config.yaml", "plots/reward.png"):
+        assert (multi / name).is_file(), name
+    assert sorted(p.name for p in (multi / "checkpoints" / "ppo").iterdir()) == ["2"]
+    lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (multi, single)]
+    for a, b in zip(*lines, strict=True):  # the same run (the last bits of a mean may differ)
+        a, b = json.loads(a), json.loads(b)
+        for key in a:
+            if not key.startswith("perf/") and isinstance(a[key], float):
+                assert abs(a[key] - b[key]) < 1e-6, key
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "localhost:1234"], "together"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "must be in"),
+])
+def test_process_arguments_are_checked(tmp_path, capsys, argv, message):
+    assert main(["ppo", "--workdir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_sft_refuses_several_processes(monkeypatch):
+    from jaxrec.train import distributed
+
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="runs on a single process"):
+        distributed.require_single_process("sft")
+
+
+def test_a_url_work_dir_is_a_clear_error(tmp_path, capsys):
+    assert main(["ppo", "--workdir", "gs://bucket/run"]) == 2
+    assert "gcsfuse" in capsys.readouterr().err
