@@ -57,11 +57,3 @@ def primary_log(log):
     """`log` on process 0, a no-op on the others (so N hosts print one log)."""
     return log if is_primary() else (lambda *args, **kwargs: None)
 
-
-def require_single_process(stage: str) -> None:
-    """The SFT and reward stages run on one process for now: a clear error otherwise."""
-    if multi_process():
-        raise ValueError(
-            f"the {stage} stage runs on a single process: run it first without "
-            "--distributed/--coordinator, then the ppo stage on all hosts (it resumes from "
-            "the work dir)")

@@ -158,7 +158,10 @@ class PPORun:
             return self._initial_unsharded(self.params, self.reward_model)
         init = jax.jit(self._initial_unsharded,
                        out_shardings=(*self._shardings, self._replicated))
-        return init(self.params, self.reward_model)
+        # host copies: arrays committed to one device (a restored SFT policy) cannot feed a
+        # program over all devices, and every process holds the same values
+        host = lambda tree: None if tree is None else jax.tree.map(np.asarray, tree)
+        return init(host(self.params), host(self.reward_model))
 
 
 def _reward_options(config: Config, reward_model) -> dict:

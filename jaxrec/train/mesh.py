@@ -91,7 +91,7 @@ def _adapter_axes(flat_names: dict, path, name: str, ndim: int) -> P:
     return P(None, *axes[len(axes) - (ndim - 1):])
 
 
-def _opt_specs(tx, opt_state, specs):
+def opt_specs(tx, opt_state, specs):
     """Optimizer-state specs: param-shaped leaves follow their param, the rest replicate."""
     return optax.tree_map_params(
         tx, lambda _, spec: spec, opt_state, specs,
@@ -118,8 +118,8 @@ def state_specs(state: TrainState) -> TrainState:
         policy=pol,
         value=val,
         frozen={name: _frozen_specs(state.model, tree) for name, tree in state.frozen.items()},
-        policy_opt=_opt_specs(state.policy_tx, state.policy_opt, pol),
-        value_opt=_opt_specs(state.value_tx, state.value_opt, val),
+        policy_opt=opt_specs(state.policy_tx, state.policy_opt, pol),
+        value_opt=opt_specs(state.value_tx, state.value_opt, val),
         kl=jax.tree.map(lambda _: P(), state.kl),
     )
 
@@ -187,6 +187,7 @@ __all__ = [
     "bytes_per_device",
     "make_mesh",
     "named",
+    "opt_specs",
     "param_specs",
     "shard_state",
     "sharded_ppo_step",

@@ -79,6 +79,8 @@ from jaxrec.config import Config, ModelConfig, RewardConfig, dump_config
 from jaxrec.models import forward, init_value_params
 from jaxrec.rollout import RolloutSpec, rollout
 from jaxrec.sim import Environment
+from jaxrec.train.distributed import is_primary, primary_log
+from jaxrec.train.placement import Placement
 
 PAIRS_PER_USER = 16  # preference_pairs per MovieLens user
 TIE = 1e-6  # utilities closer than this give a pair of weight 0
@@ -323,8 +325,10 @@ class RMState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
+@functools.lru_cache(maxsize=16)
 def make_optimizer(cfg: RewardConfig) -> optax.GradientTransformation:
-    """Global-norm clipping at 1.0, then AdamW with a linear warm-up to `lr`, then constant."""
+    """Global-norm clipping at 1.0, then AdamW with a linear warm-up to `lr`, then constant.
+    Cached: equal settings give the same object (so states' tree structures match)."""
     lr = optax.constant_schedule(cfg.lr)
     if cfg.warmup_steps > 0:
         lr = optax.join_schedules(
@@ -350,11 +354,15 @@ def _pair_scores(model: ModelConfig, params: Any, batch: PairBatch):
 
 
 def train_step(state: RMState, codec: ItemCodec, data: Any, key: jax.Array, *,
-               sampler: PairSampler, spec: RolloutSpec, model: ModelConfig, batch_size: int):
-    """One AdamW step on a batch drawn from `key`: (state, metrics)."""
+               sampler: PairSampler, spec: RolloutSpec, model: ModelConfig, batch_size: int,
+               rows: jax.sharding.Sharding | None = None):
+    """One AdamW step on a batch drawn from `key`: (state, metrics). `rows`: on a mesh, how
+    the drawn pairs are split over the devices (data parallel)."""
     k_pairs, k_render = jax.random.split(key)
     pairs = sampler.draw(data, k_pairs, batch_size, codec)
     batch = render_pairs(codec, spec, *pairs, k_render)
+    if rows is not None:
+        batch = jax.lax.with_sharding_constraint(batch, rows)
 
     def loss_fn(params):
         loss, acc = bradley_terry(*_pair_scores(model, params, batch), batch.weight)
@@ -377,15 +385,22 @@ class RewardRun:
 
         self.config = config
         self.kind = pair_kind(config)  # errors before the (slow) world is built
-        self.setup = setup = build_setup(config) if setup is None else setup
+        setup = build_setup(config) if setup is None else setup
+        self.placed = Placement(config, setup.model, config.reward.batch_size,
+                                "reward.batch_size")
+        # on a mesh, the world's arrays whole on every device (what the jitted steps read)
+        setup = dataclasses.replace(setup, codec=self.placed.host_whole(setup.codec),
+                                    env_params=self.placed.host_whole(setup.env_params))
+        self.setup = setup
         self.model, self.spec, self.codec = setup.model, setup.spec, setup.codec
-        self.policy_params = setup.params if policy_params is None else policy_params
+        self.policy_params = self.placed.host_whole(
+            setup.params if policy_params is None else policy_params)
         n_items = setup.codec.num_items
         if n_items < config.sim.history_len + self.spec.slate_size + 1:
             raise ValueError(f"reward: {n_items} items cannot fill slates of "
                              f"{self.spec.slate_size} besides a {config.sim.history_len}-item "
                              "history and the compared pair")
-        self.key = jax.random.key(config.seed)
+        self.key = self.placed.whole(lambda: jax.random.key(config.seed))
         self.sampler = PairSampler(kind=self.kind, env=setup.env)
 
     # built lazily: loading a finished model needs none of this
@@ -394,10 +409,14 @@ class RewardRun:
         if self.kind == "ratings":
             self.train_data, self.eval_data, self.counts = _ratings_tables(
                 cfg, setup.env_params, self.spec.ban_history)
+            self.train_data, self.eval_data = self.placed.host_whole(
+                (self.train_data, self.eval_data))
             pairs = PairSampler.rows(self.eval_data, jnp.arange(self.counts["eval_pairs"]))
         else:
             self.train_data, self.eval_data, self.counts = _simulator_params(
                 cfg, setup.env, setup.env_params)
+            self.train_data, self.eval_data = self.placed.host_whole(
+                (self.train_data, self.eval_data))
             pairs = _jit_draw(self.sampler, self.eval_data, jax.random.fold_in(self.key, _EVAL),
                               cfg.reward.eval_pairs, self.codec)
         self.eval_batch = _jit_render(self.codec, self.spec, *pairs,
@@ -408,7 +427,7 @@ class RewardRun:
         return _jit_train_step(state, self.codec, self.train_data,
                                jax.random.fold_in(jax.random.fold_in(self.key, _TRAIN), i),
                                sampler=self.sampler, spec=self.spec, model=self.model,
-                               batch_size=self.config.reward.batch_size)
+                               batch_size=self.config.reward.batch_size, rows=self.placed.rows)
 
     def evaluate(self, params) -> dict[str, float]:
         """Held-out loss and pairwise accuracy (pairs of weight 0 excluded)."""
@@ -437,11 +456,14 @@ class RewardRun:
 
     def placeholders(self) -> tuple[Any, jax.Array]:
         """(a placeholder simulator state, key): what a checkpoint holds besides the state."""
-        return {"none": jnp.zeros((), jnp.int32)}, self.key
+        return {"none": self.placed.whole(lambda: jnp.zeros((), jnp.int32))}, self.key
 
     def initial(self) -> tuple[RMState, Any, jax.Array]:
         """(state, a placeholder simulator state, key) at step 0."""
-        return (init_state(self.config.reward, self.policy_params), *self.placeholders())
+        init = functools.partial(init_state, self.config.reward)
+        state = self.placed.train_state(init, self.policy_params,
+                                        make_optimizer(self.config.reward))
+        return (state, *self.placeholders())
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -456,7 +478,7 @@ def _eval_sums(model, params, batch: PairBatch):
 # Module-level jits: every run of the same shapes (a resumed run, a test) reuses the compile.
 _jit_raw_scores = jax.jit(raw_scores, static_argnums=0)
 _jit_train_step = jax.jit(train_step, donate_argnums=0,
-                          static_argnames=("sampler", "spec", "model", "batch_size"))
+                          static_argnames=("sampler", "spec", "model", "batch_size", "rows"))
 _jit_draw = jax.jit(lambda sampler, data, key, n, codec: sampler.draw(data, key, n, codec),
                     static_argnums=(0, 3))
 _jit_render = jax.jit(render_pairs, static_argnums=(1,))
@@ -518,6 +540,7 @@ def run_reward(config: Config, workdir: str | pathlib.Path, log=print,
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    log, primary = primary_log(log), is_primary()  # several hosts: process 0 writes the files
     rc = config.reward
     run = RewardRun(config, setup=setup, policy_params=policy_params)
     state, sim_state, key = run.initial()
@@ -538,12 +561,12 @@ def run_reward(config: Config, workdir: str | pathlib.Path, log=print,
         resolved = dump_config(config)
         metrics_path = workdir / "metrics.jsonl"
         kept = _metrics_before(metrics_path, start)
-        board = TensorBoard(workdir)
+        board = TensorBoard(workdir, enabled=primary)
         ours = [x for x in kept if x.get("stage") == "reward"]
         interrupted = None
-        from jaxrec.train.loop import _stop_requests  # (loop imports this module)
+        from jaxrec.train.loop import _metrics_writer, _stop_requests  # (loop imports us)
 
-        with _stop_requests() as stop, metrics_path.open("w") as out:
+        with _stop_requests() as stop, _metrics_writer(metrics_path, primary) as out:
             for line in kept:
                 out.write(json.dumps(line) + "\n")
 

@@ -55,7 +55,9 @@ from jaxrec.codec import (
 )
 from jaxrec.config import Config, ModelConfig, SFTConfig
 from jaxrec.generation import Greedy, generate, sequence_scores
-from jaxrec.train.loop import _stop_requests
+from jaxrec.train.distributed import is_primary, primary_log
+from jaxrec.train.loop import _metrics_writer, _stop_requests
+from jaxrec.train.placement import Placement
 from jaxrec.train.report import TensorBoard
 from jaxrec.train.setup import Setup, build_setup
 
@@ -306,18 +308,22 @@ def sft_loss(params: Any, cfg: ModelConfig, batch: SFTExamples,
     return mean_nll + l2_in_loss * sq, {"nll": mean_nll, "param_sq": sq}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tx", "batch_size", "l2_in_loss"),
+@functools.partial(jax.jit, static_argnames=("cfg", "tx", "batch_size", "l2_in_loss", "rows"),
                    donate_argnames="state")
 def sft_step(state: SFTState, examples: SFTExamples, key: jax.Array, *, cfg: ModelConfig,
-             tx: optax.GradientTransformation, batch_size: int,
-             l2_in_loss: float) -> tuple[SFTState, dict[str, jax.Array]]:
+             tx: optax.GradientTransformation, batch_size: int, l2_in_loss: float,
+             rows: jax.sharding.Sharding | None = None) -> tuple[SFTState, dict[str, jax.Array]]:
     """One optimizer step on `batch_size` examples drawn (with replacement) by `key`.
 
-    `l2_in_loss`: sft.l2 in l2_mode 'loss', else 0 (see `sft_loss`). The state is donated.
+    `l2_in_loss`: sft.l2 in l2_mode 'loss', else 0 (see `sft_loss`). `rows`: on a mesh, the
+    drawn batch's rows are split this way (data parallel); the examples themselves sit whole
+    on every device. The state is donated.
     """
     key_batch, _ = jax.random.split(key)  # the second key is spare (the model has no dropout)
     idx = jax.random.randint(key_batch, (batch_size,), 0, examples.size)  # [B]
     batch = jax.tree.map(lambda x: x[idx], examples)
+    if rows is not None:
+        batch = jax.lax.with_sharding_constraint(batch, rows)
     (objective, aux), grads = jax.value_and_grad(sft_loss, has_aux=True)(
         state.params, cfg, batch, l2_in_loss)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -421,7 +427,8 @@ def _finished(workdir: pathlib.Path, step: int, log) -> dict:
     summary = json.loads(path.read_text()) if path.exists() else {}
     if summary.get("steps") != step:  # killed between the last checkpoint and the summary
         summary = _summary(_kept_lines(workdir / "metrics.jsonl", step), step)
-        path.write_text(json.dumps(summary, indent=2))
+        if is_primary():
+            path.write_text(json.dumps(summary, indent=2))
     log(f"sft: already finished at step {step} in {workdir}")
     return summary
 
@@ -431,11 +438,11 @@ def _scalars(metrics: dict) -> dict[str, float]:
 
 
 def _resume(ckpt: Checkpointer, latest: int | None, state: SFTState, key: jax.Array,
-            sizes: dict, log) -> tuple[SFTState, jax.Array, int]:
+            no_users: jax.Array, sizes: dict, log) -> tuple[SFTState, jax.Array, int]:
     """(state, key, first step to run): the latest checkpoint's, or the given ones at 0."""
     if latest is None:
         return state, key, 0
-    state, _, key, record = ckpt.restore(latest, state, _no_users(), key)
+    state, _, key, record = ckpt.restore(latest, state, no_users, key)
     if record.get("train_examples") != sizes["train_examples"]:
         raise ValueError(f"{ckpt.directory}/{latest} was written with "
                          f"{record.get('train_examples')} training examples, this config gives "
@@ -460,6 +467,7 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    log, primary = primary_log(log), is_primary()  # several hosts: process 0 writes the files
     sft = config.sft
     ckpt = _checkpointer(config, workdir)
     latest = ckpt.latest_step()
@@ -471,10 +479,15 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     data = build_sft_data(config, setup)
     sizes = {"train_examples": data.train.size, "eval_examples": data.eval.size}
     tx = make_sft_optimizer(sft)
-    state, key, start = _resume(ckpt, latest, init_sft_state(setup.params, tx),
-                                stage_key(config), sizes, log)
+    placed = Placement(config, setup.model, config.sft.batch_size, "sft.batch_size")
+    data = placed.host_whole(data)  # the examples, whole on every device
+    no_users = placed.whole(_no_users)
+    initial = placed.train_state(lambda p: init_sft_state(p, tx), setup.params, tx)
+    state, key, start = _resume(ckpt, latest, initial, placed.whole(lambda: stage_key(config)),
+                                no_users, sizes, log)
     step_fn = functools.partial(sft_step, cfg=setup.model, tx=tx, batch_size=sft.batch_size,
-                                l2_in_loss=sft.l2 if sft.l2_mode == "loss" else 0.0)
+                                l2_in_loss=sft.l2 if sft.l2_mode == "loss" else 0.0,
+                                rows=placed.rows)
     eval_fn = functools.partial(evaluate, examples=data.eval, codec=setup.codec,
                                 cfg=setup.model, slate_size=setup.spec.slate_size,
                                 ban_history=setup.spec.ban_history,
@@ -482,10 +495,10 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     lr, steps_key = learning_rate(sft.lr, sft.warmup_steps), jax.random.fold_in(key, 1)
     metrics_path = workdir / "metrics.jsonl"
     lines = _kept_lines(metrics_path, start)
-    board = TensorBoard(workdir)
+    board = TensorBoard(workdir, enabled=primary)
     interrupted = None
     try:
-        with _stop_requests() as stop, metrics_path.open("w") as out:
+        with _stop_requests() as stop, _metrics_writer(metrics_path, primary) as out:
             out.writelines(json.dumps(x) + "\n" for x in lines)
 
             def emit(line: dict) -> None:
@@ -510,7 +523,7 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
                     line.update(_scalars(eval_fn(state.params)))
                 emit(line)
                 if (i + 1) % config.checkpoint.every == 0 or final or stop["signal"]:
-                    ckpt.save(i + 1, state, _no_users(), key,
+                    ckpt.save(i + 1, state, no_users, key,
                               {"stage": STAGE, "step": i + 1, "done": final, **sizes})
                 if stop["signal"] is not None and not final:
                     interrupted = signal.Signals(stop["signal"]).name
@@ -523,7 +536,8 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     summary = _summary(lines, sft.steps, sizes)
     if interrupted:
         return {**summary, "interrupted": interrupted}
-    (workdir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    if primary:
+        (workdir / "sft_summary.json").write_text(json.dumps(summary, indent=2))
     show = lambda name: "n/a" if summary[name] is None else f"{summary[name]:.3f}"
     log(f"sft: held-out loss {show('eval_loss_first')} -> {show('eval_loss_last')}, next-item "
         f"accuracy {show('next_item_acc_first')} -> {show('next_item_acc_last')}")

@@ -14,12 +14,7 @@ import pathlib
 from typing import Any
 
 from jaxrec.config import Config, dump_config
-from jaxrec.train.distributed import (
-    is_primary,
-    multi_process,
-    primary_log,
-    require_single_process,
-)
+from jaxrec.train.distributed import is_primary, primary_log
 
 
 def _finished(workdir: pathlib.Path, stage: str) -> bool:
@@ -64,8 +59,6 @@ def write_config(config: Config, workdir: pathlib.Path, log) -> None:
 def run_stage(config: Config, workdir, stage: str, log=print, profile: bool = False) -> dict:
     """Run (or resume) one stage; returns its summary."""
     workdir = pathlib.Path(workdir)
-    if stage in ("sft", "reward"):
-        require_single_process(stage)
     if stage == "sft":
         from jaxrec.train.sft import run_sft
 
@@ -92,8 +85,6 @@ def run_stages(config: Config, workdir, stages=None, log=print,
     write_config(config, workdir, log)
     summaries: dict[str, Any] = {}
     for stage in stages or config.stages:
-        if stage in ("sft", "reward") and multi_process() and _finished(workdir, stage):
-            continue  # trained earlier on one process; PPO on all hosts starts from it
         summaries[stage] = run_stage(config, workdir, stage, log, profile)
         if summaries[stage].get("interrupted"):
             break

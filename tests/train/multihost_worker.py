@@ -2,8 +2,8 @@
 
     python multihost_worker.py WORKDIR OUT.npz DEVICES [COORDINATOR N ID] -- --set k=v ...
 
-Runs `jaxrec ppo` (joining the runtime when a coordinator is given), then restores the final
-checkpoint collectively and saves this process's copy of every policy param to OUT.npz.
+Runs `jaxrec train` (joining the runtime when a coordinator is given), then restores the
+final PPO checkpoint collectively and saves this process's copy of every policy param.
 """
 
 import os
@@ -21,7 +21,7 @@ from jaxrec.cli import main  # noqa: E402
 from jaxrec.config import load_config  # noqa: E402
 from jaxrec.train.loop import PPORun  # noqa: E402
 
-argv = ["ppo", "--workdir", workdir]
+argv = ["train", "--workdir", workdir]
 for item in overrides:
     argv += ["--set", item]
 if len(args) > 3:

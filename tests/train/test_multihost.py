@@ -1,7 +1,7 @@
 """Several processes (JAX's multi-process runtime with CPU gloo collectives on localhost):
-two processes of two devices each run the PPO stage on one 4-device mesh, end with identical
-params, equal to one process of four devices with the same global batch, and only process 0
-writes the run's files."""
+two processes of two devices each run the SFT, reward and PPO stages on one 4-device mesh, end with
+identical params, equal to one process of four devices with the same global batch, and only
+process 0 writes the run's files."""
 
 import json
 import os
@@ -10,16 +10,23 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from jaxrec.checkpoint import Checkpointer
 from jaxrec.cli import main
+from jaxrec.config import load_config
+from jaxrec.train.loop import PPORun
 
 WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
 ROOT = WORKER.parents[2]
 TINY = ["rollout.users=8", "ppo.minibatches=2", "ppo.epochs=1", "sim.n_items=30",
         "sim.n_topics=3", "rollout.history_items=2", "model.d_model=32", "model.n_layers=1",
-        "ppo.iterations=2", "monitor.eval_every=1", "monitor.sample_every=1", "mesh.shard=true"]
+        "ppo.iterations=2", "monitor.eval_every=1", "monitor.sample_every=1", "mesh.shard=true",
+        "stages=[sft, reward, ppo]", "sft.steps=4", "sft.eval_every=2", "sft.batch_size=8",
+        "sft.eval_users=16", "reward.steps=4", "reward.eval_every=2", "reward.batch_size=8",
+        "reward.eval_pairs=32", "reward.normalize_samples=16"]
 
 
 def _free_port() -> int:
@@ -64,10 +71,22 @@ def test_two_processes_train_as_one_four_device_run(tmp_path):
     assert "held-out reward" in logs[0] and "held-out reward" not in logs[1]
     steps = lambda d: [json.loads(x)["step"]
                        for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert steps(multi) == steps(single) == [1, 2]
+    # SFT, the reward model, then PPO
+    assert steps(multi) == steps(single) == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 1, 2]
     for name in ("summary.json", "config.yaml", "plots/reward.png"):
         assert (multi / name).is_file(), name
     assert sorted(p.name for p in (multi / "checkpoints" / "ppo").iterdir()) == ["2"]
+    # the two processes' checkpoint restores into this one process's 8-device mesh
+    config = load_config(multi / "config.yaml")
+    run = PPORun(config)
+    assert run.mesh.size == 8
+    state, users, key = run.initial()
+    ckpt = Checkpointer(multi / "checkpoints" / "ppo")
+    state = ckpt.restore(None, state, users, key)[0]
+    ckpt.close()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.policy):
+        np.testing.assert_array_equal(np.asarray(leaf), p0[jax.tree_util.keystr(path)])
+
     lines = [(d / "metrics.jsonl").read_text().splitlines() for d in (multi, single)]
     for a, b in zip(*lines, strict=True):  # the same run (the last bits of a mean may differ)
         a, b = json.loads(a), json.loads(b)
@@ -85,14 +104,6 @@ def test_process_arguments_are_checked(tmp_path, capsys, argv, message):
     assert main(["ppo", "--workdir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-
-
-def test_sft_refuses_several_processes(monkeypatch):
-    from jaxrec.train import distributed
-
-    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
-    with pytest.raises(ValueError, match="runs on a single process"):
-        distributed.require_single_process("sft")
 
 
 def test_a_url_work_dir_is_a_clear_error(tmp_path, capsys):

@@ -217,3 +217,32 @@ def test_ratings_pairs_on_movielens_100k(shared_dir):
     assert first["reward_model/eval_acc"] == 0.5
     assert np.isfinite(last["reward_model/eval_loss"]) and np.isfinite(float(metrics[
         "reward_model/loss"]))
+
+
+def test_reward_stage_on_an_8_device_mesh_matches_one_device(tmp_path):
+    """mesh.shard: the model and its optimizer state split by the logical-axis rules, each
+    batch of pairs split over the devices; the same losses, accuracy, normalisation, params."""
+    runs = {}
+    for shard in (False, True):
+        tree = json.loads(json.dumps(TINY))
+        tree["reward"].update(steps=6, eval_every=3, eval_pairs=64, normalize_samples=64)
+        tree["mesh"] = {"shard": shard, "data": 2, "fsdp": 4}
+        config = config_from_dict(tree)
+        workdir = tmp_path / str(shard)
+        summary = run_reward(config, workdir, log=lambda *a: None)
+        runs[shard] = (_lines(workdir), summary, load_reward_model(config, workdir))
+    (lines1, sum1, rm1), (lines8, sum8, rm8) = runs[False], runs[True]
+    for a, b in zip(lines1, lines8, strict=True):
+        for key, value in a.items():
+            if key.startswith("reward_model/"):
+                assert abs(value - b[key]) < 1e-5, (a["step"], key)
+    # The scalar head bias cancels in chosen - rejected: its gradient is float noise, which
+    # Adam turns into +-lr steps, differently for another summation order. It shifts every
+    # score alike, so the mean of the scores moves with it and nothing else does.
+    bias1, bias8 = float(rm1.params["value_bias"]), float(rm8.params["value_bias"])
+    assert abs((sum1["norm_mean"] - bias1) - (sum8["norm_mean"] - bias8)) < 1e-5
+    assert abs(sum1["norm_std"] - sum8["norm_std"]) < 1e-5
+    drop_bias = lambda p: {k: v for k, v in p.items() if k != "value_bias"}
+    for x, y in zip(jax.tree.leaves(drop_bias(rm1.params)), jax.tree.leaves(drop_bias(rm8.params)),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
