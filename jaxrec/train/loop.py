@@ -254,6 +254,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
     kept = _metrics_before(metrics_path, start)
     own = [x for x in kept if x.get("stage") == "ppo"]  # other stages' lines are kept too
     first_reward = own[0]["reward/mean"] if own else None
+    rewards = [x["reward/mean"] for x in own]  # every iteration's, for the windowed means
     tokens_per_iter = config.rollout.users * run.spec.max_new_tokens * run.spec.turns
     board = TensorBoard(workdir, enabled=primary)
     bar = tqdm.tqdm(total=config.ppo.iterations, initial=start, desc="ppo", unit="it",
@@ -297,6 +298,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
                         f"(iteration {i + 1}); stopping without checkpointing them"
                     )
                 first_reward = line["reward/mean"] if first_reward is None else first_reward
+                rewards.append(line["reward/mean"])
                 last = line
                 if bar.disable:  # no terminal: one log line per iteration instead of the bar
                     log(f"ppo {i + 1}/{config.ppo.iterations}  reward {line['reward/mean']:.3f}  "
@@ -333,6 +335,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
                for b, a in zip(before, after, strict=True)]
     for s in samples:
         del s["recommended"]
+    window = min(10, max(1, len(rewards) // 4))
     summary = {
         "stage": "ppo",
         "interrupted": interrupted,
@@ -340,6 +343,10 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
         "iterations": config.ppo.iterations,
         "reward_first": first_reward,
         "reward_last": last.get("reward/mean"),
+        # one iteration's mean reward is noisy: also the means of the first and last windows
+        "reward_window": window,
+        "reward_first_window": float(np.mean(rewards[:window])) if rewards else None,
+        "reward_last_window": float(np.mean(rewards[-window:])) if rewards else None,
         "kl_last": last.get("kl/ref"),
         "invalid_item_frac_last": last.get("gen/invalid_item_frac"),
         "best": best,  # {"iteration", "eval_reward"}: checkpoints/ppo_best holds that policy
@@ -357,8 +364,10 @@ def _metrics_writer(path: pathlib.Path, primary: bool):
 
 def _print_summary(summary: dict, log) -> None:
     """The one-screen end-of-run summary."""
-    log(f"ppo: reward {summary['reward_first']:.3f} -> {summary['reward_last']:.3f} "
-        f"(first and last iteration), KL to the reference {summary['kl_last']:.3f}")
+    n = summary["reward_window"]
+    log(f"ppo: mean reward {summary['reward_first_window']:.3f} (first {n} iterations) -> "
+        f"{summary['reward_last_window']:.3f} (last {n}), KL to the reference "
+        f"{summary['kl_last']:.3f}")
     for n, s in enumerate(summary["samples"], 1):
         log(f"user {n}: watched {'; '.join(s['history'])}")
         log(f"  before: {'; '.join(s['recommended_before'])}")

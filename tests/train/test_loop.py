@@ -49,6 +49,9 @@ def test_ppo_stage_writes_its_outputs(tmp_path):
     assert all(x["gen/invalid_item_frac"] == 0.0 for x in lines)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["reward_last"] == lines[-1]["reward/mean"]
+    assert summary["reward_window"] == 1  # min(10, iterations // 4), at least 1
+    assert summary["reward_first_window"] == lines[0]["reward/mean"]
+    assert summary["reward_last_window"] == lines[-1]["reward/mean"]
     assert len(summary["samples"]) == 3
     for sample in summary["samples"]:
         assert len(sample["recommended_before"]) == len(sample["recommended_after"]) == 3
