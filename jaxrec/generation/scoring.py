@@ -114,15 +114,17 @@ def sequence_scores(
         raise ValueError("sequence_scores: `allowed` masks need `window` (the scored tokens)")
     t = tokens.shape[1]
     w = t - 1 if window is None else min(int(window), t - 1)
-    hidden = forward(cfg, params, tokens, valid, head="none").hidden[:, t - 1 - w : t - 1]
+    # positions t-1-w .. t-2 predict the window: the last block runs its queries, MLP and
+    # the heads on the last w + 1 positions only
+    hidden = forward(cfg, params, tokens, valid, head="none", keep_last=w + 1).hidden[:, :w]
     logps, entropy = token_logps(project_logits(cfg, params, hidden), tokens[:, t - w :],
                                  temperature, allowed)  # [B, W]
     values = None
     if shared_value:
         values = project_values(params, hidden)
     elif value_params is not None:
-        v_hidden = forward(cfg, value_params, tokens, valid, head="none").hidden
-        values = project_values(value_params, v_hidden[:, t - 1 - w : t - 1])
+        v_hidden = forward(cfg, value_params, tokens, valid, head="none", keep_last=w + 1).hidden
+        values = project_values(value_params, v_hidden[:, :w])
 
     def align(x):  # [B, W] -> [B, T], zero before the window and on padding
         x = jnp.pad(x, ((0, 0), (t - w, 0)))

@@ -57,13 +57,19 @@ def forward(
     valid: jax.Array | None = None,  # [B, T] bool, False on padding; None: all real
     *,
     head: str = "lm",
+    keep_last: int = 0,
 ) -> LMOutput:
-    """A full causal pass without a cache; left or right padding is masked out of attention."""
+    """A full causal pass without a cache; left or right padding is masked out of attention.
+
+    `keep_last` N > 0: outputs (hidden, logits, values) for the last N positions only; the
+    last block computes queries, its MLP and the heads there alone (the earlier blocks and all
+    keys are unchanged), so the result equals the full pass's last N positions."""
     if valid is None:
         valid = jnp.ones(tokens.shape, jnp.bool_)
     positions = positions_from_valid(valid)
     mask = causal_mask(valid)
-    return make_model(cfg, head).apply({"params": params}, tokens, positions, mask)
+    return make_model(cfg, head).apply({"params": params}, tokens, positions, mask,
+                                       keep_last=keep_last)
 
 
 def forward_cached(

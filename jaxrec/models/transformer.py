@@ -385,19 +385,25 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, attn_mask, cache: LayerCache | None, index, prefill=False):
+    def __call__(self, x, positions, attn_mask, cache: LayerCache | None, index, prefill=False,
+                 keep=0):
+        """`keep` > 0 (no cache): outputs for the last `keep` positions only ([B, keep, D]);
+        keys and values still cover all T."""
         cfg = self.cfg
         d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
         dt = _dtype(cfg.dtype)
         qkv_bias = 2 if cfg.qkv_bias else 0
+        q_x, q_positions = (x, positions) if not keep else (x[:, -keep:], positions[:, -keep:])
+        if keep:
+            attn_mask = attn_mask[:, -keep:]  # [B, keep, T]
         q = Dense(cfg, (d, h, dh), ("embed", "heads", "head_dim"), qkv_bias,
-                  name="q")(x)  # [B, T, H, Dh]
+                  name="q")(q_x)  # [B, Tq, H, Dh]
         k = Dense(cfg, (d, kv, dh), ("embed", "kv_heads", "head_dim"), qkv_bias,
                   name="k")(x)  # [B, T, K, Dh]
         v = Dense(cfg, (d, kv, dh), ("embed", "kv_heads", "head_dim"), qkv_bias,
                   name="v")(x)  # [B, T, K, Dh]
         if cfg.family == "llama":
-            q = rope(q, positions, cfg.rope_theta, cfg.rope_style)
+            q = rope(q, q_positions, cfg.rope_theta, cfg.rope_style)
             k = rope(k, positions, cfg.rope_theta, cfg.rope_style)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         # Keys and values live head-major, [B, K, S, Dh]: attention is then one batched matmul
@@ -417,12 +423,13 @@ class Attention(nn.Module):
             else:  # attend to every slot, in the cache's dtype (no cast of every slot per step)
                 k, v, dt = cache.k, cache.v, cdt
         if cache is None:  # training and scoring: the custom-gradient attention below
-            qh = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,Dh]
-            qh = qh.reshape(b, kv, (h // kv) * t, dh)  # [B, K, G*T, Dh]: G heads per KV head
-            mask = jnp.broadcast_to(attn_mask[:, None, None], (b, 1, h // kv, t, t))
-            out = attend(qh, k, v, mask.reshape(b, 1, (h // kv) * t, t), dt)  # [B, K, G*T, Dh]
+            s = k.shape[2]  # keys: all T positions; queries: t (= keep, or T)
+            qh = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # [B,K,G,Tq,Dh]
+            qh = qh.reshape(b, kv, (h // kv) * t, dh)  # [B, K, G*Tq, Dh]: G heads per KV head
+            mask = jnp.broadcast_to(attn_mask[:, None, None], (b, 1, h // kv, t, s))
+            out = attend(qh, k, v, mask.reshape(b, 1, (h // kv) * t, s), dt)  # [B,K,G*Tq,Dh]
             out = out.reshape(b, kv, h // kv, t, dh).transpose(0, 3, 1, 2, 4)
-            out = out.reshape(b, t, h, dh)  # [B, T, H, Dh]
+            out = out.reshape(b, t, h, dh)  # [B, Tq, H, Dh]
         else:
             if jax.default_backend() == "cpu":
                 # XLA's CPU has no bf16 x bf16 -> f32 kernel for these batched matrix-vector dots.
@@ -467,10 +474,13 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, attn_mask, cache, index, prefill=False, last_only=False):
+    def __call__(self, x, positions, attn_mask, cache, index, prefill=False, last_only=False,
+                 keep=0):
         attn_out, cache = Attention(self.cfg, name="attn")(
-            Norm(self.cfg, name="attn_norm")(x), positions, attn_mask, cache, index, prefill
+            Norm(self.cfg, name="attn_norm")(x), positions, attn_mask, cache, index, prefill, keep
         )
+        if keep:  # only the last `keep` positions go on (their queries alone were computed)
+            x = x[:, -keep:]
         x = x + attn_out
         if last_only:  # only the last position feeds the head: skip the MLP for the others
             x = x[:, -1:]
@@ -494,6 +504,8 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         prefill: bool = False,  # the cache is empty: attend to the T new keys only
         last_only: bool = False,  # hidden/logits/values for the last position only ([B, 1, ...])
+        keep_last: int = 0,  # no cache: the last block, norm and heads for the last N positions
+        #                      only ([B, N, ...]; what scoring a trailing window needs)
     ) -> LMOutput:
         cfg = self.cfg
         pdt = _dtype(cfg.param_dtype)
@@ -513,14 +525,17 @@ class CausalLM(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         # `self` is argument 0 of the block's __call__; the two flags are static.
-        block_cls = nn.remat(Block, static_argnums=(6, 7)) if cfg.remat else Block
+        block_cls = nn.remat(Block, static_argnums=(6, 7, 8)) if cfg.remat else Block
+        t = tokens.shape[1]
+        keep_last = keep_last if 0 < keep_last < t and cache is None else 0
         index = cache.index if cache is not None else jnp.zeros((), jnp.int32)
         new_layers = []
         for i in range(cfg.n_layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            last = last_only and i == cfg.n_layers - 1
+            final = i == cfg.n_layers - 1
             x, layer_cache = block_cls(cfg, name=f"block_{i}")(
-                x, positions, attn_mask, layer_cache, index, prefill, last
+                x, positions, attn_mask, layer_cache, index, prefill, last_only and final,
+                keep_last if final else 0,
             )
             new_layers.append(layer_cache)
         hidden = Norm(cfg, name="final_norm")(x)  # [B, T, D]

@@ -116,7 +116,7 @@ def _ppo_batch(state: TrainState, ro: Session, spec: RolloutSpec, score: ScoreSp
                                  shared_value=config.shared_value, window=window,
                                  allowed=ro.allowed)
     values = (policy.values if config.shared_value
-              else _values(cfg, state.value_params(), tokens, valid))
+              else _values(cfg, state.value_params(), tokens, valid, window))
     # 'sampler': the decoder's log-probs are under the same distribution (temperature, allowed
     # tokens) as the teacher-forced pass, up to the cached decode's rounding
     old_logp = (policy.logps if config.old_logp == "rescore"

@@ -69,10 +69,15 @@ def _global_whiten(x, mask, axis, eps=1e-8):
     return jnp.where(mask, (x - mean) * jax.lax.rsqrt(jnp.maximum(var, 0.0) + eps), 0.0)
 
 
-def _values(cfg, value_params, tokens, valid):
-    """[B, T] V(state before token t) from a separate value network."""
-    hidden = forward(cfg, value_params, tokens, valid, head="none").hidden[:, :-1]
-    return jnp.where(valid, jnp.pad(project_values(value_params, hidden), ((0, 0), (1, 0))), 0.0)
+def _values(cfg, value_params, tokens, valid, window: int | None = None):
+    """[B, T] V(state before token t) from a separate value network; with `window` W, for the
+    last W tokens only (0 before them: PPO reads values on the actions alone), the last block
+    running on the last W + 1 positions only."""
+    t = tokens.shape[1]
+    w = t - 1 if window is None else min(int(window), t - 1)
+    hidden = forward(cfg, value_params, tokens, valid, head="none", keep_last=w + 1).hidden
+    values = project_values(value_params, hidden[:, :w])  # [B, W]
+    return jnp.where(valid, jnp.pad(values, ((0, 0), (t - w, 0))), 0.0)
 
 
 def _minibatch_indices(key, rows, config: PPOConfig):
@@ -123,7 +128,8 @@ def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, co
 
 
 def _value_objective(value, state: TrainState, mb: PPOBatch, den, config):
-    values = _values(state.model, state.value_params(value), mb.tokens, mb.valid)
+    values = _values(state.model, state.value_params(value), mb.tokens, mb.valid,
+                     config.action_window)
     return value_loss(values, mb.old_values, mb.returns, mb.action_mask,
                       clip=config.value_clip, den=den)
 

@@ -283,3 +283,30 @@ def test_norm_custom_gradient_matches_autodiff(centered):
             assert got is None
         else:
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_keep_last_equals_the_full_pass_on_its_positions(family, dtype):
+    """forward(keep_last=N): the last block's queries, MLP and heads on the last N positions
+    only give exactly the full pass's last N outputs, and the same gradients."""
+    from jaxrec.models import forward, gpt2_config, init_params, llama_config
+
+    make = gpt2_config if family == "gpt2" else llama_config
+    extra = {} if family == "gpt2" else {"n_kv_heads": 2}
+    cfg = make(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_len=32,
+               dtype=dtype, **extra)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(2), (3, 12), 0, cfg.vocab_size)
+    valid = jnp.ones((3, 12), bool).at[0, :3].set(False)  # left padding on one row
+    full = forward(cfg, params, tokens, valid).logits
+    part = forward(cfg, params, tokens, valid, keep_last=5).logits
+    assert part.shape == (3, 5, cfg.vocab_size)
+    np.testing.assert_array_equal(np.asarray(full[:, -5:]), np.asarray(part))
+
+    def loss(p, keep):
+        return jnp.sum(forward(cfg, p, tokens, valid, keep_last=keep).logits[:, -5:] ** 2)
+
+    g_full, g_part = jax.grad(loss)(params, 0), jax.grad(loss)(params, 5)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_part), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
