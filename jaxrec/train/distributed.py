@@ -49,10 +49,6 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def multi_process() -> bool:
-    return jax.process_count() > 1
-
-
 def primary_log(log):
     """`log` on process 0, a no-op on the others (so N hosts print one log)."""
     return log if is_primary() else (lambda *args, **kwargs: None)

@@ -99,10 +99,9 @@ class PPORun:
             self._greedy = jax.jit(lambda p, us, k: rollout(
                 self.model, p, self.codec, self.env, self.env_params, us, k, spec)[0],
                 **self._on_mesh())
-        return self._greedy(policy_params, users, self._key(0))
-
-    def _key(self, seed: int) -> jax.Array:
-        return jax.jit(lambda: jax.random.key(seed), **self._on_mesh())()
+        if not hasattr(self, "_greedy_key"):  # made once (placed on the mesh when there is one)
+            self._greedy_key = jax.jit(lambda: jax.random.key(0), **self._on_mesh())()
+        return self._greedy(policy_params, users, self._greedy_key)
 
     def _users(self, salt: int, n: int):
         """A fixed draw of n simulated users, apart from the training users (salt 1 << 20)."""
