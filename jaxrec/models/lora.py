@@ -77,47 +77,43 @@ def init_adapters(params: dict, rank: int, targets: Iterable[str], key: jax.Arra
     return _nest(flat)
 
 
+def _overlay(base: dict, adapters: dict, adapt, path: tuple[str, ...] = ()) -> dict:
+    """`base` with `adapt(path, layer, adapter)` in place of each adapted layer and the adapter
+    tree's other leaves (a value head) added as they are. Only the path to each change is
+    copied; no base array is."""
+    out = dict(base)
+    for name, value in adapters.items():
+        if isinstance(value, dict) and "lora_a" in value:
+            out[name] = adapt((*path, name), base[name], value)
+        elif isinstance(value, dict):
+            out[name] = _overlay(base.get(name, {}), value, adapt, (*path, name))
+        else:
+            out[name] = value
+    return out
+
+
 def attach(base: dict, adapters: dict, scale: float) -> dict:
-    """The base tree with each adapter's lora_a and (scale * lora_b) beside its kernel, plus any
-    other adapter-tree leaves (a value head) added as they are. No base array is copied."""
-
-    def graft(node, extra):
-        out = dict(node)
-        for name, value in extra.items():
-            if name == "lora_b":
-                out[name] = value * scale
-            elif isinstance(value, dict):
-                out[name] = graft(node.get(name, {}), value)
-            else:
-                out[name] = value
-        return out
-
-    return graft(base, adapters)
+    """The base tree with each adapter's lora_a and (scale * lora_b) beside its kernel (what
+    `Dense` reads), plus the adapter tree's other leaves."""
+    return _overlay(base, adapters, lambda path, layer, ad: {
+        **layer, "lora_a": ad["lora_a"], "lora_b": ad["lora_b"] * scale})
 
 
 def merge(base: dict, adapters: dict, scale: float) -> dict:
     """Plain params: every adapted kernel replaced by W + scale * A B (float32 sum, stored in
-    W's dtype); the adapter tree's other leaves (a value head) added as they are."""
+    W's dtype), plus the adapter tree's other leaves."""
 
-    def fold(node, extra):
-        out = dict(node)
-        for name, value in extra.items():
-            if isinstance(value, dict) and "lora_a" in value:
-                kernel = node[name]["kernel"]
-                a, b = value["lora_a"], value["lora_b"]  # [*In, r], [r, *Out]
-                delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
-                if delta.shape != kernel.shape:
-                    raise ValueError(f"adapter {name}: A B has shape {delta.shape}, the kernel "
-                                     f"{kernel.shape}")
-                merged = kernel.astype(jnp.float32) + scale * delta
-                out[name] = {**node[name], "kernel": merged.astype(kernel.dtype)}
-            elif isinstance(value, dict):
-                out[name] = fold(node.get(name, {}), value)
-            else:
-                out[name] = value
-        return out
+    def fold(path, layer, ad):
+        kernel = layer["kernel"]
+        a, b = ad["lora_a"], ad["lora_b"]  # [*In, r], [r, *Out]
+        delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+        if delta.shape != kernel.shape:
+            raise ValueError(f"adapter {'/'.join(path)}: A B has shape {delta.shape}, its "
+                             f"kernel {kernel.shape}")
+        merged = kernel.astype(jnp.float32) + scale * delta
+        return {**layer, "kernel": merged.astype(kernel.dtype)}
 
-    return fold(base, adapters)
+    return _overlay(base, adapters, fold)
 
 
 def count_adapter_params(adapters: dict) -> int:

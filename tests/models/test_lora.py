@@ -71,6 +71,11 @@ def test_lora_errors_are_clear():
         lora.init_adapters(params, 4, ("gate",), jax.random.key(0))  # GPT-2 has no gate
     with pytest.raises(ValueError, match="rank must be >= 1"):
         lora.init_adapters(params, 0, ("q",), jax.random.key(0))
+    # adapters made for another model (d_model 16) cannot be merged into this one's kernels
+    _, small = _model(lambda **kw: gpt2_config(**{**kw, "d_model": 16}))
+    foreign = lora.init_adapters(small, 2, ("q",), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"adapter block_0/attn/q: A B has shape \(16, 4, 4\)"):
+        lora.merge(params, foreign, 1.0)
 
 
 def test_adapter_gradients_are_the_same_with_remat():
