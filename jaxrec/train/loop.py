@@ -12,14 +12,11 @@ DIR/plots/*.png, DIR/summary.json.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import pathlib
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -32,9 +29,10 @@ from jaxrec.config import Config, dump_config
 from jaxrec.rollout import rollout
 from jaxrec.train.distributed import is_primary, primary_log
 from jaxrec.train.iteration import build_iteration
+from jaxrec.train.placement import Placement
 from jaxrec.train.report import TensorBoard, write_plots
 from jaxrec.train.setup import build_setup
-from jaxrec.train.stages import write_config
+from jaxrec.train.stages import metrics_before, metrics_writer, stop_requests, write_config
 from jaxrec.train.state import create_train_state
 
 
@@ -56,8 +54,9 @@ class PPORun:
         self.params = setup.params if params is None else params
         # the reward model travels in the state (frozen["reward"]), not baked into the program
         self.reward_model = reward_model if config.reward.ppo_source != "simulator" else None
-        self.mesh = None
-        if config.mesh.shard:
+        self.placement = Placement(config, self.model, r.users, "rollout.users")
+        self.mesh = self.placement.mesh
+        if self.mesh is not None:
             self._build_sharded(reward_model)
         else:
             self.iteration = build_iteration(self.ppo, self.spec, self.env, self.env_params,
@@ -67,47 +66,33 @@ class PPORun:
         """The iteration jitted over the configured mesh: sharding only at the jit boundary
         (state by the logical-axis rules, users' rows over data x fsdp); GSPMD partitions the
         rollout, scoring and update inside, with the same global semantics as one device."""
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
+        from jaxrec.train.mesh import named, row_shardings, state_specs
 
-        from jaxrec.train.mesh import make_mesh, named, row_shardings, state_specs
-
-        m = self.config.mesh
-        self.mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
-        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if self.config.rollout.users % rows:
-            raise ValueError(f"rollout.users={self.config.rollout.users} must divide over the "
-                             f"mesh's data x fsdp = {rows} devices")
         raw = build_iteration(self.ppo, self.spec, self.env, self.env_params, self.codec,
                               jit=False, **_reward_options(self.config, reward_model))
         state, users, _ = jax.eval_shape(self._initial_unsharded, self.params,
                                          self.reward_model)
-        self._shardings = (named(self.mesh, state_specs(state)), row_shardings(self.mesh, users))
         # metrics (and the key) whole on every device, so every host can read them
-        self._replicated = NamedSharding(self.mesh, P())
-        self.iteration = jax.jit(raw, in_shardings=(*self._shardings, self._replicated),
-                                 out_shardings=(*self._shardings, self._replicated),
-                                 donate_argnums=(0, 1))
-
-    def _on_mesh(self) -> dict:
-        """jit options placing outputs whole on every device of the mesh (none without one)."""
-        return {} if self.mesh is None else {"out_shardings": self._replicated}
+        whole = self.placement.replicated
+        self._shardings = (named(self.mesh, state_specs(state)), row_shardings(self.mesh, users),
+                           whole)
+        self.iteration = jax.jit(raw, in_shardings=self._shardings,
+                                 out_shardings=self._shardings, donate_argnums=(0, 1))
 
     def _greedy_rollout(self, policy_params, users):
         if not hasattr(self, "_greedy"):  # one greedy turn per user (the first of a session)
             spec = dataclasses.replace(self.spec, temperature=0.0, turns=1)
-            self._greedy = jax.jit(lambda p, us, k: rollout(
-                self.model, p, self.codec, self.env, self.env_params, us, k, spec)[0],
-                **self._on_mesh())
+            self._greedy = self.placement.jit_whole(lambda p, us, k: rollout(
+                self.model, p, self.codec, self.env, self.env_params, us, k, spec)[0])
         if not hasattr(self, "_greedy_key"):  # made once (placed on the mesh when there is one)
-            self._greedy_key = jax.jit(lambda: jax.random.key(0), **self._on_mesh())()
+            self._greedy_key = self.placement.whole(lambda: jax.random.key(0))
         return self._greedy(policy_params, users, self._greedy_key)
 
     def _users(self, salt: int, n: int):
         """A fixed draw of n simulated users, apart from the training users (salt 1 << 20)."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), salt)
         draw = lambda: self.env.reset_batch(key, n, self.env_params)[1]
-        return jax.jit(draw, **self._on_mesh())()
+        return self.placement.jit_whole(draw)()
 
     def evaluate(self, policy_params) -> dict[str, float]:
         """Greedy slates for `monitor.eval_users` held-out users: mean simulator reward, click
@@ -155,12 +140,8 @@ class PPORun:
         straight into its shards (on several hosts, each computes and holds only its own)."""
         if self.mesh is None:
             return self._initial_unsharded(self.params, self.reward_model)
-        init = jax.jit(self._initial_unsharded,
-                       out_shardings=(*self._shardings, self._replicated))
-        # host copies: arrays committed to one device (a restored SFT policy) cannot feed a
-        # program over all devices, and every process holds the same values
-        host = lambda tree: None if tree is None else jax.tree.map(np.asarray, tree)
-        return init(host(self.params), host(self.reward_model))
+        return self.placement.from_host(self._initial_unsharded, self._shardings, self.params,
+                                        self.reward_model)
 
 
 def _reward_options(config: Config, reward_model) -> dict:
@@ -201,26 +182,6 @@ def _scalars(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-@contextlib.contextmanager
-def _stop_requests():
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each iteration (so the run
-    saves a checkpoint and stops cleanly); handlers are restored afterwards."""
-    requested: dict[str, int | None] = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def handler(signum, frame):
-        requested["signal"] = signum
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield requested
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=None,
             reward_model=None, profile: bool = False) -> dict[str, Any]:
     """Run (or resume) the PPO stage in `workdir`; returns the summary.
@@ -234,7 +195,6 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log, primary = primary_log(log), is_primary()  # several hosts: process 0 writes the files
-    write_config(config, workdir, log)
     resolved = dump_config(config)
 
     run = PPORun(config, params, reward_model)
@@ -246,11 +206,12 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
         state, users, key, record = ckpt.restore(None, state, users, key)
         start, best = int(record["iteration"]), record.get("best")
         log(f"resuming the ppo stage at iteration {start} from {ckpt.directory}")
+    write_config(config, workdir, log)  # the checkpoint fits this config
     monitor = config.monitor
     tracing = False
 
     metrics_path = workdir / "metrics.jsonl"
-    kept = _metrics_before(metrics_path, start)
+    kept = metrics_before(metrics_path, "ppo", start)
     own = [x for x in kept if x.get("stage") == "ppo"]  # other stages' lines are kept too
     first_reward = own[0]["reward/mean"] if own else None
     rewards = [x["reward/mean"] for x in own]  # every iteration's, for the windowed means
@@ -260,7 +221,7 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
                     disable=not (primary and sys.stderr.isatty()))
     interrupted = None
     try:
-        with _stop_requests() as stop, _metrics_writer(metrics_path, primary) as out:
+        with stop_requests() as stop, metrics_writer(metrics_path, primary) as out:
             for line in kept:
                 out.write(json.dumps(line) + "\n")
             last = own[-1] if own else {}
@@ -356,11 +317,6 @@ def run_ppo(config: Config, workdir: str | pathlib.Path, log=print, *, params=No
     return summary
 
 
-def _metrics_writer(path: pathlib.Path, primary: bool):
-    """DIR/metrics.jsonl opened for writing on process 0; a sink on the others."""
-    return path.open("w") if primary else open(os.devnull, "w")  # noqa: SIM115
-
-
 def _print_summary(summary: dict, log) -> None:
     """The one-screen end-of-run summary."""
     n = summary["reward_window"]
@@ -377,11 +333,3 @@ def _log_samples(samples: list[dict], title: str, log) -> None:
     log(title)
     for n, s in enumerate(samples, 1):
         log(f"  user {n}: watched {'; '.join(s['history'])} -> {'; '.join(s['recommended'])}")
-
-
-def _metrics_before(path: pathlib.Path, iteration: int) -> list[dict]:
-    """Metric lines of iterations <= `iteration` (a resumed run rewrites the rest)."""
-    if not path.exists():
-        return []
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [x for x in lines if x.get("stage") != "ppo" or x["step"] <= iteration]

@@ -81,6 +81,7 @@ from jaxrec.rollout import RolloutSpec, rollout
 from jaxrec.sim import Environment
 from jaxrec.train.distributed import is_primary, primary_log
 from jaxrec.train.placement import Placement
+from jaxrec.train.stages import metrics_before, metrics_writer, stop_requests, write_config
 
 PAIRS_PER_USER = 16  # preference_pairs per MovieLens user
 TIE = 1e-6  # utilities closer than this give a pair of weight 0
@@ -521,14 +522,6 @@ def _checkpointer(config: Config, workdir: pathlib.Path):
     return Checkpointer(workdir / "checkpoints" / "reward", keep=config.checkpoint.keep)
 
 
-def _metrics_before(path: pathlib.Path, step: int) -> list[dict]:
-    """Every line of other stages, and reward lines of steps <= `step`."""
-    if not path.exists():
-        return []
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [x for x in lines if x.get("stage") != "reward" or x["step"] <= step]
-
-
 def run_reward(config: Config, workdir: str | pathlib.Path, log=print,
                policy_params: Any = None, setup=None) -> dict[str, Any]:
     """Train (or resume) the reward model in `workdir`; returns the summary.
@@ -557,16 +550,15 @@ def run_reward(config: Config, workdir: str | pathlib.Path, log=print,
                 raise ValueError(f"reward: the checkpoint at step {start} in {ckpt.directory} does "
                                  f"not fit reward.steps={rc.steps}; use a fresh work dir")
             log(f"resuming the reward stage at step {start} from {ckpt.directory}")
+        write_config(config, workdir, log)  # the checkpoint fits this config
         run.prepare()
         resolved = dump_config(config)
         metrics_path = workdir / "metrics.jsonl"
-        kept = _metrics_before(metrics_path, start)
+        kept = metrics_before(metrics_path, "reward", start)
         board = TensorBoard(workdir, enabled=primary)
         ours = [x for x in kept if x.get("stage") == "reward"]
         interrupted = None
-        from jaxrec.train.loop import _metrics_writer, _stop_requests  # (loop imports us)
-
-        with _stop_requests() as stop, _metrics_writer(metrics_path, primary) as out:
+        with stop_requests() as stop, metrics_writer(metrics_path, primary) as out:
             for line in kept:
                 out.write(json.dumps(line) + "\n")
 

@@ -56,10 +56,10 @@ from jaxrec.codec import (
 from jaxrec.config import Config, ModelConfig, SFTConfig
 from jaxrec.generation import Greedy, generate, sequence_scores
 from jaxrec.train.distributed import is_primary, primary_log
-from jaxrec.train.loop import _metrics_writer, _stop_requests
 from jaxrec.train.placement import Placement
 from jaxrec.train.report import TensorBoard
 from jaxrec.train.setup import Setup, build_setup
+from jaxrec.train.stages import metrics_before, metrics_writer, stop_requests, write_config
 
 STAGE = "sft"
 STREAM = 5 << 20  # fold_in tag of the stage's key (PPO: iterations < 1 << 20, salts 1-3 << 20)
@@ -399,14 +399,6 @@ def _checkpointer(config: Config, workdir: pathlib.Path) -> Checkpointer:
     return Checkpointer(workdir / "checkpoints" / STAGE, keep=config.checkpoint.keep)
 
 
-def _kept_lines(path: pathlib.Path, step: int) -> list[dict]:
-    """metrics.jsonl lines of other stages, and sft lines of steps <= `step`."""
-    if not path.exists():
-        return []
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return [x for x in lines if x.get("stage") != STAGE or x["step"] <= step]
-
-
 def _summary(lines: list[dict], step: int, extra: dict | None = None) -> dict:
     evals = [x for x in lines if x.get("stage") == STAGE and "sft/eval_loss" in x]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
@@ -426,7 +418,7 @@ def _finished(workdir: pathlib.Path, step: int, log) -> dict:
     path = workdir / "sft_summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     if summary.get("steps") != step:  # killed between the last checkpoint and the summary
-        summary = _summary(_kept_lines(workdir / "metrics.jsonl", step), step)
+        summary = _summary(metrics_before(workdir / "metrics.jsonl", STAGE, step), step)
         if is_primary():
             path.write_text(json.dumps(summary, indent=2))
     log(f"sft: already finished at step {step} in {workdir}")
@@ -485,6 +477,7 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     initial = placed.train_state(lambda p: init_sft_state(p, tx), setup.params, tx)
     state, key, start = _resume(ckpt, latest, initial, placed.whole(lambda: stage_key(config)),
                                 no_users, sizes, log)
+    write_config(config, workdir, log)  # the checkpoint fits this config
     step_fn = functools.partial(sft_step, cfg=setup.model, tx=tx, batch_size=sft.batch_size,
                                 l2_in_loss=sft.l2 if sft.l2_mode == "loss" else 0.0,
                                 rows=placed.rows)
@@ -494,11 +487,11 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
                                 chunk=min(sft.batch_size, data.eval.size))
     lr, steps_key = learning_rate(sft.lr, sft.warmup_steps), jax.random.fold_in(key, 1)
     metrics_path = workdir / "metrics.jsonl"
-    lines = _kept_lines(metrics_path, start)
+    lines = metrics_before(metrics_path, STAGE, start)
     board = TensorBoard(workdir, enabled=primary)
     interrupted = None
     try:
-        with _stop_requests() as stop, _metrics_writer(metrics_path, primary) as out:
+        with stop_requests() as stop, metrics_writer(metrics_path, primary) as out:
             out.writelines(json.dumps(x) + "\n" for x in lines)
 
             def emit(line: dict) -> None:

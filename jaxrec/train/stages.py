@@ -9,8 +9,12 @@ reward model when reward.ppo_source is 'model' or 'mix'.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
+import signal
+import threading
 from typing import Any
 
 from jaxrec.config import Config, dump_config
@@ -46,14 +50,54 @@ def reward_model_for_ppo(config: Config, workdir: pathlib.Path):
 
 
 def write_config(config: Config, workdir: pathlib.Path, log) -> None:
-    """DIR/config.yaml: the resolved config every stage's run leaves (process 0 writes it)."""
+    """DIR/config.yaml: the resolved config every stage's run leaves (process 0 writes it).
+
+    Each stage calls it once its checkpoint (if any) has restored into this config's shapes,
+    so a run that fails on a mismatched config leaves the work dir's config as it was; the
+    file is replaced whole (written beside it, then renamed)."""
     if not is_primary():
         return
     resolved = dump_config(config)
     config_path = workdir / "config.yaml"
     if config_path.exists() and config_path.read_text() != resolved:
         log(f"note: {config_path} differs from this run's config; it is replaced")
-    config_path.write_text(resolved)
+    tmp = config_path.with_name(f".{config_path.name}.tmp")
+    tmp.write_text(resolved)
+    os.replace(tmp, config_path)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each iteration (so the run
+    saves a checkpoint and stops cleanly); handlers are restored afterwards."""
+    requested: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        requested["signal"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def metrics_writer(path: pathlib.Path, primary: bool):
+    """DIR/metrics.jsonl opened for writing on process 0; a sink on the others."""
+    return path.open("w") if primary else open(os.devnull, "w")  # noqa: SIM115
+
+
+def metrics_before(path: pathlib.Path, stage: str, step: int) -> list[dict]:
+    """DIR/metrics.jsonl's lines of other stages, and `stage`'s lines of steps <= `step`: what
+    a resumed run keeps (it writes the later steps again)."""
+    if not path.exists():
+        return []
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [x for x in lines if x.get("stage") != stage or x["step"] <= step]
 
 
 def run_stage(config: Config, workdir, stage: str, log=print, profile: bool = False) -> dict:
@@ -82,7 +126,6 @@ def run_stages(config: Config, workdir, stages=None, log=print,
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = primary_log(log)
-    write_config(config, workdir, log)
     summaries: dict[str, Any] = {}
     for stage in stages or config.stages:
         summaries[stage] = run_stage(config, workdir, stage, log, profile)

@@ -38,7 +38,7 @@ def _final_state(workdir):
     return state, record
 
 
-def test_ppo_stage_writes_its_outputs(tmp_path):
+def test_ppo_stage_writes_its_outputs(tmp_path, capsys):
     _run(tmp_path, 2)
     lines = _lines(tmp_path)
     assert [x["step"] for x in lines] == [1, 2] and {x["stage"] for x in lines} == {"ppo"}
@@ -64,6 +64,15 @@ def test_ppo_stage_writes_its_outputs(tmp_path):
     (tmp_path / "plots" / "reward.png").unlink()
     assert main(["plot", "--workdir", str(tmp_path)]) == 0
     assert (tmp_path / "plots" / "reward.png").stat().st_size > 1000
+    # a rerun whose model does not fit the checkpoint fails in one line and leaves the work
+    # dir's config as it was (export and resume still read the run's own config)
+    written = (tmp_path / "config.yaml").read_text()
+    argv = ["ppo", "--workdir", str(tmp_path), "--set", "ppo.iterations=3"]
+    for item in [*TINY, "model.d_model=16"]:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    assert "has shape" in capsys.readouterr().err
+    assert (tmp_path / "config.yaml").read_text() == written
 
 
 def test_a_stopped_run_resumes_to_the_same_result(tmp_path):
