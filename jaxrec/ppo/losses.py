@@ -51,7 +51,8 @@ def policy_loss(
     metrics = {
         "ppo/policy_loss": loss,
         "ppo/clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-        "ppo/approx_kl": masked_mean(jnp.expm1(-log_ratio) + log_ratio, mask),  # k3 of old||new
+        # k3 estimate of KL(old || new) under the old policy's samples: (rho - 1) - log rho
+        "ppo/approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
         "ppo/ratio_mean": ratio_mean,
         "ppo/ratio_var": masked_mean(jnp.square(ratio - ratio_mean), mask),
     }
@@ -77,10 +78,14 @@ def value_loss(
     if clip is None:
         per_token, clipfrac = err, jnp.zeros((), jnp.float32)
     else:
-        v_clip = old_values + jnp.clip(values - old_values, -clip, clip)
+        step = values - old_values
+        v_clip = old_values + jnp.clip(step, -clip, clip)
         err_clip = jnp.square(v_clip - returns)
         per_token = jnp.maximum(err, err_clip)
-        clipfrac = masked_mean((err_clip > err).astype(jnp.float32), mask)
+        # tokens whose clipped error is the larger one; inside the range V_clip = V up to
+        # rounding, which must not count
+        clipped = (jnp.abs(step) > clip) & (err_clip > err)
+        clipfrac = masked_mean(clipped.astype(jnp.float32), mask)
     loss = 0.5 * _mean(per_token, mask, den)
     metrics = {
         "ppo/value_loss": loss,

@@ -108,7 +108,7 @@ def _ppo_batch(state: TrainState, ro: Session, spec: RolloutSpec, score: ScoreSp
                reward_source: str = "simulator", reward_mix: float = 0.5):
     cfg = state.model
     tokens, valid, action = ro.tokens, ro.valid, ro.action  # [B, L] each
-    temperature = spec.temperature if spec.temperature > 0 else 1.0
+    temperature = config.temperature  # the sampling one (build_iteration checks)
     window = config.action_window
     policy = None  # a teacher-forced pass of the policy, when its log-probs or values are used
     if config.old_logp == "rescore" or config.shared_value:
@@ -188,6 +188,11 @@ def build_iteration(
     if spec.turns > 1 and reward_source != "simulator":
         raise ValueError(f"reward_source={reward_source!r} scores whole single-turn sequences; "
                          f"with rollout.turns={spec.turns} use 'simulator'")
+    if spec.temperature > 0 and config.temperature != spec.temperature:
+        raise ValueError(
+            f"ppo.temperature={config.temperature} must equal the rollout's temperature "
+            f"{spec.temperature}: the behaviour, reference and updated log-probs are all of the "
+            "sampling distribution")
     # actions: the completion (one turn), or everything after the first prompt (a session)
     window = spec.session_len - spec.prompt_len
     if config.action_window is None:

@@ -25,7 +25,7 @@ class TrainState:
     the one frozen `frozen["base"]`, which is also the reference. Read the params a forward
     pass needs through `policy_params`, `value_params` and `ref_params`, never the fields."""
 
-    step: jax.Array  # [] int32, optimizer steps taken (policy)
+    step: jax.Array  # [] int32, minibatch updates applied (optimizer steps x grad_accum)
     policy: Any  # trainable policy params or adapters (with the value head when shared_value)
     value: Any  # trainable value-network params or adapters + head ({} with a shared trunk)
     frozen: Any  # {"ref": reference params} or, with LoRA, {"base": base params}; + "reward"

@@ -6,7 +6,9 @@ predicted from the state after tokens < t.
 
 For each epoch e (a `lax.scan`) the rows are shuffled (within `shuffle_blocks` contiguous
 blocks, or within the device's rows inside shard_map) and cut into M minibatches (a `lax.scan`);
-for each minibatch, with m the action mask and N = sum(m) over the whole minibatch (all devices):
+for each minibatch, with m the action mask and N = sum(m) over the whole minibatch (all devices;
+with `grad_accum` k, N is the count over the k minibatches of one optimizer step divided by k,
+so the averaged gradient is that of sum / count over all k, whatever their token counts):
 
     rho_t   = exp(log pi_theta(a_t) - log pi_old(a_t))                    ratio
     A_t     <- (A_t - mean_m A) / std_m A                                 whitening (optional)
@@ -22,7 +24,9 @@ for each minibatch, with m the action mask and N = sum(m) over the whole minibat
 Inside `jax.shard_map` over `config.data_axis`, each device holds B / D rows; N is a psum of
 the local counts, so the local losses add up to the global token mean, and the gradient with
 respect to the replicated params arrives summed over devices (shard_map's check_vma): it is
-already the gradient of the global loss, and no further pmean is applied.
+already the gradient of the global loss, and no further pmean is applied. The metrics are
+global too (means over every device's tokens), and averaged over the minibatches whose update
+was applied (a non-finite one is skipped and counted in ppo/skipped).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from jaxrec.config import PPOConfig
 from jaxrec.generation import sequence_scores
 from jaxrec.models import forward, project_values
 from jaxrec.ppo import entropy_bonus, policy_loss, ptx_loss, value_loss
+from jaxrec.ppo.stats import masked_count, masked_sum
 from jaxrec.train.state import TrainState
 
 
@@ -59,14 +64,19 @@ def _psum(x, axis):
     return x if axis is None else jax.lax.psum(x, axis)
 
 
+def _global_moments(x, mask, axis):
+    """(count, mean, unbiased variance) of x over every device's unmasked entries. Two passes:
+    E[x^2] - mean^2 loses the variance to cancellation when the mean is large."""
+    n = _psum(masked_count(mask), axis)
+    mean = _psum(masked_sum(x, mask), axis) / jnp.maximum(n, 1.0)
+    var = _psum(masked_sum(jnp.square(x - mean), mask), axis) / jnp.maximum(n - 1.0, 1.0)
+    return n, mean, var
+
+
 def _global_whiten(x, mask, axis, eps=1e-8):
     """Whiten with mean and variance over every device's unmasked entries."""
-    n = _psum(jnp.sum(mask.astype(jnp.float32)), axis)
-    s1 = _psum(jnp.sum(jnp.where(mask, x, 0.0)), axis)
-    s2 = _psum(jnp.sum(jnp.where(mask, x * x, 0.0)), axis)
-    mean = s1 / jnp.maximum(n, 1.0)
-    var = (s2 / jnp.maximum(n, 1.0) - mean**2) * n / jnp.maximum(n - 1.0, 1.0)
-    return jnp.where(mask, (x - mean) * jax.lax.rsqrt(jnp.maximum(var, 0.0) + eps), 0.0)
+    _, mean, var = _global_moments(x, mask, axis)
+    return jnp.where(mask, (x - mean) * jax.lax.rsqrt(var + eps), 0.0)
 
 
 def _values(cfg, value_params, tokens, valid, window: int | None = None):
@@ -95,8 +105,9 @@ def _minibatch_indices(key, rows, config: PPOConfig):
     return idx.reshape(config.minibatches, -1)
 
 
-def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, config):
-    cfg, axis = state.model, config.data_axis
+def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, sft_den,
+                      config):
+    cfg = state.model
     policy = state.policy_params(policy)  # differentiable in the trainable part (LoRA: adapters)
     scores = sequence_scores(
         cfg, policy, mb.tokens, mb.valid, temperature=config.temperature,
@@ -119,8 +130,7 @@ def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, co
         sft_tokens, sft_mask = sft
         sft_valid = jnp.ones(sft_tokens.shape, jnp.bool_)
         sft_scores = sequence_scores(cfg, policy, sft_tokens, sft_valid)
-        sft_den = _psum(jnp.sum(sft_mask.astype(jnp.float32)), axis)
-        nll, m_ptx = ptx_loss(sft_scores.logps, sft_mask, jnp.maximum(sft_den, 1.0))
+        nll, m_ptx = ptx_loss(sft_scores.logps, sft_mask, sft_den)
         loss = loss + config.ptx_coef * nll
         metrics.update(m_ptx)
     metrics["ppo/policy_total_loss"] = loss
@@ -139,22 +149,35 @@ def _apply(tx, grads, opt_state, params):
     return optax.apply_updates(params, updates), opt_state
 
 
-def _minibatch_update(state: TrainState, batch: PPOBatch, idx, m, config: PPOConfig):
-    """One optimizer step (policy, and value unless shared) on the rows `idx`."""
+def _sft_rows(batch: PPOBatch, m, config: PPOConfig):
+    """Minibatch m's slice of the PPO-ptx rows: (tokens [Bs/M, Ts], mask [Bs/M, Ts])."""
+    n = batch.sft_tokens.shape[0] // config.minibatches
+    return tuple(jax.lax.dynamic_slice_in_dim(x, m * n, n, axis=0)
+                 for x in (batch.sft_tokens, batch.sft_mask))
+
+
+def _denominators(counts, config: PPOConfig):
+    """[M] per-minibatch token counts (this device) -> [M] loss denominators: the global count
+    over the minibatch's accumulation group of `grad_accum` consecutive minibatches, divided
+    by grad_accum (optax.MultiSteps averages the group's gradients)."""
+    k = config.grad_accum
+    group = _psum(counts, config.data_axis).reshape(-1, k).sum(axis=1)  # [M / k]
+    return jnp.repeat(jnp.maximum(group, 1.0) / k, k)  # [M]
+
+
+def _minibatch_update(state: TrainState, batch: PPOBatch, idx, m, den, sft_den,
+                      config: PPOConfig):
+    """One optimizer step (policy, and value unless shared) on the rows `idx`; `den` and
+    `sft_den` are the loss denominators (see `_denominators`)."""
     axis = config.data_axis
     take = lambda x: None if x is None else jnp.take(x, idx, axis=0)
     mb = PPOBatch(**{f.name: take(getattr(batch, f.name)) for f in _PER_ROW_FIELDS})
-    sft = None
-    if batch.sft_tokens is not None:
-        n = batch.sft_tokens.shape[0] // config.minibatches
-        sft = tuple(jax.lax.dynamic_slice_in_dim(x, m * n, n, axis=0)
-                    for x in (batch.sft_tokens, batch.sft_mask))
+    sft = None if batch.sft_tokens is None else _sft_rows(batch, m, config)
     mask = mb.action_mask
-    den = jnp.maximum(_psum(jnp.sum(mask.astype(jnp.float32)), axis), 1.0)
     adv = _global_whiten(mb.advantages, mask, axis) if config.whiten_advantages else mb.advantages
 
     grad_fn = jax.grad(_policy_objective, has_aux=True)
-    p_grads, metrics = grad_fn(state.policy, state, mb, sft, adv, den, config)
+    p_grads, metrics = grad_fn(state.policy, state, mb, sft, adv, den, sft_den, config)
     metrics["ppo/policy_grad_norm"] = optax.tree.norm(p_grads)
     finite = jnp.isfinite(metrics["ppo/policy_grad_norm"])
     v_grads = None
@@ -184,24 +207,36 @@ def _minibatch_update(state: TrainState, batch: PPOBatch, idx, m, config: PPOCon
     )
     metrics["ppo/skipped"] = 1.0 - finite.astype(jnp.float32)
     if axis is not None:
-        metrics = _global_metrics(metrics, mask, axis)
+        metrics = _global_metrics(metrics, mb, sft, axis)
     return state, metrics
 
 
-def _global_metrics(metrics: dict, mask, axis) -> dict:
+def _global_metrics(metrics: dict, mb: PPOBatch, sft, axis) -> dict:
     """Per-device metrics -> global ones. Losses already carry the global denominator (sum
     them); gradient norms are of the already-summed gradients (equal everywhere); per-token
-    means are re-weighted by each device's token count, so they equal the global means."""
-    local = jnp.sum(mask.astype(jnp.float32))
-    total = jnp.maximum(jax.lax.psum(local, axis), 1.0)
+    means are re-weighted by each device's token count (the PPO-ptx NLL by its SFT token
+    count), so they equal the global means; the two variances are recomputed globally."""
+    mask = mb.action_mask
+    weighted = lambda value, w: jax.lax.psum(value * w, axis) / jnp.maximum(
+        jax.lax.psum(w, axis), 1.0)
+    local = masked_count(mask)
     out = {}
     for name, value in metrics.items():
         if name.endswith("loss"):
             out[name] = jax.lax.psum(value, axis)
         elif name.endswith("grad_norm") or name == "ppo/skipped":
             out[name] = jax.lax.pmean(value, axis)
+        elif name == "ppo/ptx_nll":
+            out[name] = weighted(value, masked_count(sft[1]))
         else:
-            out[name] = jax.lax.psum(value * local, axis) / total
+            out[name] = weighted(value, local)
+    if "ppo/ratio_var" in metrics:  # E[r^2] - E[r]^2, from each device's mean and variance
+        second = metrics["ppo/ratio_var"] + jnp.square(metrics["ppo/ratio_mean"])
+        out["ppo/ratio_var"] = weighted(second, local) - jnp.square(out["ppo/ratio_mean"])
+    if "ppo/explained_variance" in metrics:
+        _, _, var_returns = _global_moments(mb.returns, mask, axis)
+        _, _, var_error = _global_moments(mb.returns - mb.old_values, mask, axis)
+        out["ppo/explained_variance"] = 1.0 - var_error / jnp.maximum(var_returns, 1e-8)
     return out
 
 
@@ -217,16 +252,30 @@ def ppo_step(state: TrainState, batch: PPOBatch, key: jax.Array, config: PPOConf
     `config.data_axis` naming the mesh axis the batch is split over. Returns the new state and
     scalar metrics averaged over all minibatches.
     """
-    rows = batch.tokens.shape[0]
+    rows, mbs = batch.tokens.shape[0], jnp.arange(config.minibatches)
+    sft_den = None
+    if batch.sft_tokens is not None:  # the same SFT rows every epoch
+        counts = jax.vmap(lambda m: masked_count(_sft_rows(batch, m, config)[1]))(mbs)
+        sft_den = _denominators(counts, config)  # [M]
 
     def epoch(state, key_e):
         idx = _minibatch_indices(key_e, rows, config)  # [M, rows / M]
+        den = _denominators(masked_count(batch.action_mask[idx], axis=(1, 2)), config)
 
         def minibatch(state, xs):
-            i, m = xs
-            return _minibatch_update(state, batch, i, m, config)
+            i, m, d, sd = xs
+            return _minibatch_update(state, batch, i, m, d, sd, config)
 
-        return jax.lax.scan(minibatch, state, (idx, jnp.arange(config.minibatches)))
+        return jax.lax.scan(minibatch, state, (idx, mbs, den, sft_den))
 
     state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, config.epochs))
-    return state, jax.tree.map(jnp.mean, metrics)
+    return state, _applied_mean(metrics)
+
+
+def _applied_mean(metrics: dict) -> dict:
+    """[E, M] per-minibatch metrics -> their means over the minibatches whose update was
+    applied (NaN if none was); ppo/skipped stays the fraction skipped."""
+    applied = 1.0 - metrics["ppo/skipped"]
+    n = jnp.sum(applied)
+    mean = lambda x: jnp.where(n > 0, jnp.sum(jnp.where(applied > 0, x, 0.0)) / n, jnp.nan)
+    return {k: jnp.mean(v) if k == "ppo/skipped" else mean(v) for k, v in metrics.items()}

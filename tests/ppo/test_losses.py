@@ -31,6 +31,18 @@ def test_policy_loss_matches_numpy(lo, hi, dual):
     assert float(metrics["ppo/clipfrac"]) == pytest.approx(ref_clip, rel=1e-5)
 
 
+def test_approx_kl_is_an_unbiased_estimate_of_kl_old_to_new():
+    """Tokens are sampled from the old policy: mean((rho - 1) - log rho) -> KL(old || new)."""
+    rng = np.random.default_rng(0)
+    old_p, new_p = np.array([0.5, 0.3, 0.2]), np.array([0.2, 0.3, 0.5])
+    actions = rng.choice(3, size=(400, 500), p=old_p)
+    logp, old = np.log(new_p)[actions], np.log(old_p)[actions]
+    _, metrics = policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.zeros(actions.shape),
+                             jnp.ones(actions.shape, bool))
+    true_kl = float(np.sum(old_p * np.log(old_p / new_p)))  # 0.275
+    assert float(metrics["ppo/approx_kl"]) == pytest.approx(true_kl, rel=0.01)
+
+
 def test_dual_clip_bounds_negative_advantage_losses():
     # ratio = e^3 ~ 20, A = -1: plain clipping gives 20; dual clip 3 caps it at 3.
     args = (jnp.array([[0.0]]), jnp.array([[-3.0]]), jnp.array([[-1.0]]), jnp.ones((1, 1), bool))
@@ -64,6 +76,20 @@ def test_value_loss_matches_numpy():
                                              rel=1e-5)
     ev = 1 - np.var((ret - old)[mask], ddof=1) / np.var(ret[mask], ddof=1)
     assert float(m["ppo/explained_variance"]) == pytest.approx(ev, rel=1e-4)
+    frac = ((np.abs(v - old) > 0.2) & ((v_clip - ret) ** 2 > (v - ret) ** 2))[mask].mean()
+    assert float(m["ppo/value_clipfrac"]) == pytest.approx(frac, rel=1e-5)
+
+
+def test_value_clipfrac_ignores_rounding_inside_the_range():
+    """Inside the clip range old + (V - old) equals V only up to rounding: not a clip."""
+    rng = np.random.default_rng(5)
+    # |V - old| < 0.18 everywhere, but V and old of different magnitudes and signs: V - old
+    # rounds, and old + (V - old) differs from V in the last bit for about a third of them
+    old, v = (jnp.asarray(rng.uniform(-0.09, 0.09, (64, 64)), jnp.float32) for _ in range(2))
+    assert float(jnp.mean(old + (v - old) != v)) > 0.1
+    ret = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
+    _, m = value_loss(v, old, ret, jnp.ones((64, 64), bool), clip=0.2)
+    assert float(m["ppo/value_clipfrac"]) == 0.0
 
 
 def test_explicit_denominator_gives_exact_global_means():

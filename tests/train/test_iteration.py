@@ -82,6 +82,25 @@ def test_iteration_runs_compiles_once_and_updates(world):
     assert int(state.step) == 3 * PPO.epochs * PPO.minibatches
 
 
+@pytest.mark.parametrize("temperature", [0.5, 0.0])
+def test_first_update_starts_at_ratio_one_at_any_sampling_temperature(world, temperature):
+    """Behaviour, reference and updated log-probs are all at ppo.temperature (the sampling
+    one; for greedy rollouts the one the config names): before any update the ratio is 1."""
+    import dataclasses
+
+    env, params, codec, spec, _ = world
+    spec = dataclasses.replace(spec, temperature=temperature)
+    ppo = PPO.replace(minibatches=1, policy_lr=1e-9, value_lr=1e-9, temperature=0.5)
+    state, users = _start(world)
+    _, _, m = build_iteration(ppo, spec, env, params, codec)(state, users, jax.random.key(0))
+    assert float(m["ppo/ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(m["ppo/approx_kl"]) < 1e-8 and float(m["ppo/clipfrac"]) == 0.0
+    if temperature:
+        with pytest.raises(ValueError, match="ppo.temperature=1.0 must equal the rollout's "
+                                             "temperature 0.5"):
+            build_iteration(PPO, spec, env, params, codec)
+
+
 def test_iteration_is_pure_under_vmap_over_seeds(world):
     env, params, codec, spec, _ = world
     iteration = build_iteration(PPO, spec, env, params, codec, jit=False)

@@ -92,7 +92,9 @@ def test_two_processes_train_as_one_four_device_run(tmp_path):
         a, b = json.loads(a), json.loads(b)  # collectives (gloo vs in-process): last bits
         for key in a:
             if not key.startswith("perf/") and isinstance(a[key], float):
-                assert abs(a[key] - b[key]) <= 1e-6 + 1e-4 * abs(b[key]), key
+                # 1 - Var ratio: near 0 its rounding error is absolute, not relative
+                tol = 1e-4 if key.endswith("explained_variance") else 1e-4 * abs(b[key])
+                assert abs(a[key] - b[key]) <= 1e-6 + tol, key
 
 
 @pytest.mark.parametrize("argv, message", [

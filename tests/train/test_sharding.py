@@ -67,12 +67,36 @@ def test_sharded_step_equals_single_device_step(data, fsdp, tensor):
         for a, b in zip(jax.tree.leaves(reference.value), jax.tree.leaves(sharded.value),
                         strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
-        for name in ("ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac"):
-            assert float(metrics[name]) == pytest.approx(float(ref_metrics[name]), abs=1e-5)
+        assert set(metrics) == set(ref_metrics)
+        for name in ref_metrics:  # every metric is global: the same as one device's
+            assert float(metrics[name]) == pytest.approx(float(ref_metrics[name]), abs=1e-5,
+                                                         rel=1e-4), name
     assert int(sharded.step) == int(reference.step) == 3 * PPO.epochs * PPO.minibatches
     # The params really moved (the comparison is not between two untouched states).
     start = init_params(CFG, jax.random.key(0))
     assert not np.allclose(start["embed"], np.asarray(sharded.policy["embed"]))
+
+
+def test_sharded_ptx_metrics_weigh_each_device_by_its_sft_tokens():
+    """PPO-ptx rows split over devices with unequal SFT masks: the NLL is the global mean."""
+    mesh = make_mesh(data=8, fsdp=1, tensor=1)
+    cfg = PPO.replace(minibatches=1, epochs=1, ptx_coef=0.5)
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 9, 16)  # SFT tokens that count: 1-8 per row
+    batch = _batch(0).replace(
+        sft_tokens=jnp.asarray(rng.integers(0, CFG.vocab_size, (16, 9)), jnp.int32),
+        sft_mask=jnp.asarray(np.arange(9)[None] >= 9 - lengths[:, None]))
+    new = lambda: create_train_state(CFG, cfg, init_params(CFG, jax.random.key(0)))
+    ref_state, ref = jax.jit(ppo_step, static_argnums=3)(new(), batch, jax.random.key(1),
+                                                         cfg.replace(shuffle_blocks=8))
+    sharded = shard_state(mesh, new)
+    state, metrics = sharded_ppo_step(mesh, cfg, sharded, batch)(sharded, batch,
+                                                                 jax.random.key(1))
+    for name in ("ppo/ptx_nll", "ppo/policy_total_loss", "ppo/explained_variance",
+                 "ppo/ratio_var"):
+        assert float(metrics[name]) == pytest.approx(float(ref[name]), abs=1e-5, rel=1e-4)
+    np.testing.assert_allclose(np.asarray(state.policy["embed"]),
+                               np.asarray(ref_state.policy["embed"]), atol=1e-5)
 
 
 def test_sharded_bfloat16_step_sums_custom_gradients_over_devices():

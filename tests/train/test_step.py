@@ -122,6 +122,41 @@ def test_gradient_accumulation_takes_fewer_optimizer_steps():
     assert int(new.policy_opt.gradient_step) == PPO.epochs * PPO.minibatches // 2
 
 
+def test_accumulated_minibatches_equal_one_minibatch_of_their_rows():
+    """grad_accum averages gradients of sum / (group count / k): the group's update is the one
+    of a single minibatch holding all its rows, however unequal their action counts."""
+    batch = _batch()
+    action = np.zeros((8, 10), bool)
+    action[:, 9] = True  # one action in rows 0-6, nine in row 7: any 2-way split is unequal
+    action[7, 1:] = True
+    batch = batch.replace(action_mask=jnp.asarray(action))
+    # Adam's first step is -lr g / (|g| + eps): with eps = 1 it is close to -g, so the params'
+    # change shows the gradient itself (with a small eps it is about -lr sign(g))
+    one = PPO.replace(epochs=1, minibatches=1, whiten_advantages=False, policy_lr=1.0,
+                      value_lr=1.0, adam_eps=1.0)
+    acc = one.replace(minibatches=2, grad_accum=2)  # the group is all 8 rows, in any order
+    start = _state(one)
+    s1, _ = step(start, batch, jax.random.key(0), one)
+    s2, _ = step(_state(acc), batch, jax.random.key(0), acc)
+    assert int(s2.policy_opt.gradient_step) == 1
+    for tree in ("policy", "value"):
+        leaves = [jax.tree.leaves(getattr(s, tree)) for s in (start, s1, s2)]
+        for a, b, c in zip(*leaves, strict=True):
+            one_step, accumulated = np.asarray(b) - np.asarray(a), np.asarray(c) - np.asarray(a)
+            np.testing.assert_allclose(accumulated, one_step, rtol=1e-3, atol=1e-7)
+        assert np.abs(one_step).max() > 1e-4  # the gradients are not all zero
+
+
+def test_whitening_keeps_unit_spread_with_a_large_common_offset():
+    from jaxrec.train.step import _global_whiten
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(300.0 + rng.normal(size=(64, 32)), jnp.float32)
+    mask = jnp.asarray(rng.random((64, 32)) < 0.5)
+    white = np.asarray(_global_whiten(x, mask, None))[np.asarray(mask)]
+    assert abs(white.mean()) < 1e-3 and white.std(ddof=1) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_bad_batch_size_and_config_errors():
     with pytest.raises(ValueError, match="batch rows 7 must divide"):
         step(_state(), _batch(rows=7), jax.random.key(0), PPO)
@@ -151,6 +186,9 @@ def test_non_finite_gradients_skip_the_update_and_are_counted():
     for leaf in jax.tree.leaves(new.policy):
         assert np.isfinite(np.asarray(leaf)).all()
     assert int(new.step) < PPO.epochs * PPO.minibatches
+    # the metrics average the applied minibatches only: finite, though some were not
+    for name in ("ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/entropy"):
+        assert np.isfinite(float(metrics[name])), name
     all_bad = batch.replace(advantages=jnp.full_like(batch.advantages, jnp.nan))
     new, metrics = step(state, all_bad, jax.random.key(0), PPO)
     assert float(metrics["ppo/skipped"]) == 1.0 and int(new.step) == 0
