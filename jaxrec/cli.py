@@ -12,11 +12,21 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _find_tokenizer(model_path: pathlib.Path) -> pathlib.Path:
-    """The tokenizer that sits beside a model: the HF folder itself, or a llama2.c tok*.bin."""
+def _local_path(flag: str, value: str) -> str:
+    """value, unless it is a URL: the commands write and read local (or mounted) paths."""
+    if "://" in value:
+        raise CliError(f"{flag} {value}: a URL; give a local or mounted path (mount a bucket "
+                       "with gcsfuse, e.g. /mnt/bucket/run, for a slice's hosts to share)")
+    return value
+
+
+def _find_tokenizer(model_path: pathlib.Path, vocab_size: int | None = None) -> pathlib.Path:
+    """The tokenizer that sits beside a model: the HF folder itself, or a llama2.c tok*.bin
+    (tok{vocab_size}.bin first when the model's vocabulary size is known: llama2.c's naming)."""
     if model_path.is_dir():
         return model_path
-    candidates = [model_path.parent / "tokenizer.bin"]
+    candidates = [model_path.parent / f"tok{vocab_size}.bin"] if vocab_size else []
+    candidates.append(model_path.parent / "tokenizer.bin")
     candidates += sorted(p for p in model_path.parent.glob("tok*.bin") if p != model_path)
     for candidate in candidates:
         if candidate.is_file():
@@ -31,11 +41,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from jaxrec.generation import generate_jit, left_pad, make_sampler
     from jaxrec.models import load_pretrained
 
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if not 0 < args.top_p <= 1:
+        raise CliError(f"--top-p {args.top_p} must be in (0, 1] (1: off)")
+    if args.top_k < 0:
+        raise CliError(f"--top-k {args.top_k} must be >= 0 (0: off)")
     model_path = pathlib.Path(args.model)
     if not model_path.exists():
         raise CliError(f"--model {model_path}: no such file or folder")
     cfg, params = load_pretrained(model_path)
-    tokenizer = load_tokenizer(args.tokenizer or _find_tokenizer(model_path))
+    tokenizer_path = args.tokenizer or _find_tokenizer(model_path, cfg.vocab_size)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CliError(
+            f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model "
+            f"{model_path} has a vocabulary of {cfg.vocab_size}: they do not belong together"
+        )
     prompt_ids = tokenizer.encode(args.prompt, bos=tokenizer.bos_id >= 0)
     if not prompt_ids:
         raise CliError("the prompt is empty and the tokenizer has no BOS token")
@@ -123,9 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxrec.train.distributed import initialize, is_primary
     from jaxrec.train.stages import run_stages
 
-    if "://" in args.workdir:
-        raise CliError(f"--workdir {args.workdir}: a URL; give a local or mounted path (mount a "
-                       "bucket with gcsfuse, e.g. /mnt/bucket/run, for a slice's hosts to share)")
+    _local_path("--workdir", args.workdir)
     config = _run_config(args)  # a bad config fails before any process waits for the others
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     stages = config.stages if args.command == "train" else (args.command,)
@@ -141,7 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from jaxrec.train.export import export
 
-    out = export(args.workdir, args.out, stage=args.stage, dtype=args.dtype)
+    out = export(_local_path("--workdir", args.workdir), _local_path("--out", args.out),
+                 stage=args.stage, dtype=args.dtype)
     print(out)
     return 0
 
@@ -150,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from jaxrec.config import BASELINES, load_config
     from jaxrec.train.evaluate import run_eval
 
-    path = args.config or pathlib.Path(args.workdir) / "config.yaml"
+    path = args.config or pathlib.Path(_local_path("--workdir", args.workdir)) / "config.yaml"
     if not pathlib.Path(path).is_file():
         raise CliError(f"no --config given and {path} is missing (not a jaxrec work dir)")
     config = load_config(path, args.set or [])
@@ -171,7 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from jaxrec.train.recommend import recommend_titles, split_history
 
-    rows = recommend_titles(args.workdir, split_history(args.history), args.k, stage=args.stage)
+    rows = recommend_titles(_local_path("--workdir", args.workdir), split_history(args.history),
+                            args.k, stage=args.stage)
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -193,7 +215,7 @@ def cmd_bench_ppo(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from jaxrec.train.report import write_plots
 
-    for path in write_plots(args.workdir, args.stage):
+    for path in write_plots(_local_path("--workdir", args.workdir), args.stage):
         print(path)
     return 0
 
@@ -345,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (CliError, ValueError, FloatingPointError, FileNotFoundError, FileExistsError) as err:
         print(f"jaxrec {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ one-line comment; invalid values raise a one-line error naming the key and what 
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import types
 import typing
@@ -136,6 +137,35 @@ def _check_choice(section: str, name: str, value, options):
         raise ValueError(f"{key}={value!r} is not allowed; choose one of {options}")
 
 
+def _within(value, allowed: str) -> bool:
+    """value lies in `allowed`: '> 0', '>= 1', or an interval such as '[0, 1)'. NaN never
+    does (every comparison with it is false)."""
+    if allowed[0] in "[(":
+        low, high = (float(x) for x in allowed[1:-1].split(","))
+        above = low <= value if allowed[0] == "[" else low < value
+        return above and (value <= high if allowed[-1] == "]" else value < high)
+    op, bound = allowed.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def _check_ranges(section: str, obj, rules) -> None:
+    """Table-driven range checks: rules are (space-separated field names, allowed range);
+    a None value of an optional field passes, floats must also be finite."""
+    types_ = {f.name: str(f.type) for f in dataclasses.fields(obj)}
+    for names, allowed in rules:
+        for name in names.split():
+            value = getattr(obj, name)
+            if value is None and "None" in types_[name]:
+                continue
+            finite = not isinstance(value, float) or math.isfinite(value)
+            if finite and _within(value, allowed):
+                continue
+            what = "a finite number " if not finite else ""
+            where = f"in {allowed}" if allowed[0] in "[(" else allowed
+            null = " (or null)" if "None" in types_[name] else ""
+            raise ValueError(f"{section}.{name}={value!r} must be {what}{where}{null}")
+
+
 OLD_LOGP_SOURCES = ("rescore", "sampler")
 
 
@@ -186,22 +216,21 @@ class PPOConfig:
     #                              update was skipped for a non-finite gradient
 
     def __post_init__(self):
-        if self.action_window is not None and self.action_window < 1:
-            raise ValueError(f"ppo.action_window={self.action_window} must be >= 1 (or null)")
-        for name in ("iterations", "epochs", "minibatches", "grad_accum", "total_steps",
-                     "shuffle_blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1")
+        _check_ranges("ppo", self, (
+            ("iterations epochs minibatches grad_accum total_steps shuffle_blocks action_window "
+             "max_bad_iterations", ">= 1"),
+            ("warmup_steps", ">= 0"),
+            ("clip_low", "(0, 1)"),
+            ("clip_high policy_lr value_lr temperature value_clip max_grad_norm kl_target "
+             "kl_horizon", "> 0"),
+            ("dual_clip", "> 1"),
+            ("vf_coef ent_coef ptx_coef weight_decay adam_eps kl_coef", ">= 0"),
+            ("adam_b1 adam_b2", "[0, 1)"),
+            ("gamma lam", "[0, 1]"),
+        ))
         _check_choice("ppo", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("ppo", "kl_kind", self.kl_kind, ("k1", "k2", "k3"))
         _check_choice("ppo", "old_logp", self.old_logp, OLD_LOGP_SOURCES)
-        for name in ("clip_low", "clip_high", "policy_lr", "value_lr", "temperature"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ppo.{name}={getattr(self, name)} must be > 0")
-        if self.clip_low >= 1:
-            raise ValueError(f"ppo.clip_low={self.clip_low} must be < 1")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"ppo.dual_clip={self.dual_clip} must be > 1 (or null)")
         if self.minibatches % self.grad_accum:
             raise ValueError(
                 f"ppo.grad_accum={self.grad_accum} must divide ppo.minibatches={self.minibatches}"
@@ -245,6 +274,7 @@ class SimConfig:
     def __post_init__(self):
         _check_choice("sim", "preset", self.preset, ("synthetic", "movielens", "recsim-ie"))
         _check_choice("sim", "reward", self.reward, ("content", "products", "ads"))
+        _check_ranges("sim", self, (("n_items n_topics history_len", ">= 1"),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,11 +290,10 @@ class RolloutConfig:
     turns: int = 1  # recommendation turns per session (the consumed item joins the history)
 
     def __post_init__(self):
-        for name in ("users", "slate_size", "history_items", "turns"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name}={getattr(self, name)} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"rollout.temperature={self.temperature} must be >= 0")
+        _check_ranges("rollout", self, (
+            ("users slate_size history_items turns", ">= 1"),
+            ("temperature", ">= 0"),
+        ))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +318,10 @@ class PolicyConfig:
         _check_choice("model", "dtype", self.dtype, DTYPES)
         _check_choice("model", "cache_dtype", self.cache_dtype, DTYPES)
         _check_choice("model", "frozen_dtype", self.frozen_dtype, DTYPES)
+        _check_ranges("model", self, (("d_model n_layers n_heads n_kv_heads d_ff", ">= 1"),))
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of "
+                             f"model.n_kv_heads={self.n_kv_heads}")
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -309,8 +342,7 @@ class LoRAConfig:
     def __post_init__(self):
         if self.rank < 0:
             raise ValueError(f"lora.rank={self.rank} must be >= 0 (0: off)")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha={self.alpha} must be > 0")
+        _check_ranges("lora", self, (("alpha", "> 0"),))
         if not self.targets:
             raise ValueError(f"lora.targets is empty; choose from {', '.join(LORA_TARGETS)}")
         for target in self.targets:
@@ -338,11 +370,11 @@ class SFTConfig:
 
     def __post_init__(self):
         _check_choice("sft", "l2_mode", self.l2_mode, ("loss", "decoupled"))
-        for name in ("steps", "batch_size", "eval_every", "eval_users", "examples_per_user"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sft.{name}={getattr(self, name)} must be >= 1")
-        if self.l2 < 0 or self.lr <= 0:
-            raise ValueError(f"sft.l2={self.l2} must be >= 0 and sft.lr={self.lr} > 0")
+        _check_ranges("sft", self, (
+            ("steps batch_size eval_every eval_users examples_per_user", ">= 1"),
+            ("warmup_steps l2", ">= 0"),
+            ("lr max_grad_norm", "> 0"),
+        ))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,11 +396,12 @@ class RewardConfig:
     def __post_init__(self):
         _check_choice("reward", "pairs", self.pairs, ("auto", "ratings", "simulator"))
         _check_choice("reward", "ppo_source", self.ppo_source, ("simulator", "model", "mix"))
-        for name in ("steps", "batch_size", "eval_every", "eval_pairs", "normalize_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"reward.{name}={getattr(self, name)} must be >= 1")
-        if not 0.0 <= self.mix <= 1.0:
-            raise ValueError(f"reward.mix={self.mix} must be in [0, 1]")
+        _check_ranges("reward", self, (
+            ("steps batch_size eval_every eval_pairs normalize_samples", ">= 1"),
+            ("warmup_steps weight_decay", ">= 0"),
+            ("lr", "> 0"),
+            ("mix", "[0, 1]"),
+        ))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,16 +446,11 @@ class EvalConfig:
             _check_choice("eval", "policies", p, EVAL_POLICIES)
         for b in self.baselines:
             _check_choice("eval", "baselines", b, BASELINES)
-        for name in ("seeds", "candidates", "sim_users", "validity_users"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
-        if self.candidates < 2:
-            raise ValueError(f"eval.candidates={self.candidates} must be >= 2")
-        for name in ("users", "baseline_epochs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1 (or null)")
-        if self.temperature <= 0:
-            raise ValueError(f"eval.temperature={self.temperature} must be > 0")
+        _check_ranges("eval", self, (
+            ("seeds sim_users validity_users users baseline_epochs", ">= 1"),
+            ("candidates", ">= 2"),
+            ("temperature", "> 0"),
+        ))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +473,15 @@ class MeshConfig:
     fsdp: int = 1  # params and optimizer state split along the embedding dimension
     tensor: int = 1  # heads, MLP columns and the vocabulary split
 
+    def __post_init__(self):
+        sizes = {name: getattr(self, name) for name in ("data", "fsdp", "tensor")}
+        for name, size in sizes.items():
+            if size != -1 and size < 1:
+                raise ValueError(f"mesh.{name}={size} must be >= 1 or -1 (all remaining devices)")
+        rest = [f"mesh.{name}" for name, size in sizes.items() if size == -1]
+        if len(rest) > 1:
+            raise ValueError(f"{', '.join(rest)} are -1; at most one mesh size may be -1")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -466,6 +503,8 @@ class Config:
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
+        if not self.stages:
+            raise ValueError(f"stages is empty; list one or more of {STAGES}")
         for stage in self.stages:
             _check_choice("", "stages", stage, STAGES)
 
@@ -519,6 +558,11 @@ def _convert(key: str, hint, value):
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise TypeError(f"{key} must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
@@ -548,6 +592,39 @@ def _set(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+class DuplicateKeyError(ValueError):
+    """A YAML mapping names the same key twice (`line` is 1-based, of the second one)."""
+
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(f"line {line}: duplicate key {key!r} (first at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+def _safe_load(text: str):
+    """`yaml.safe_load`, except that a key repeated in one mapping (at any depth) raises
+    DuplicateKeyError instead of silently replacing the earlier value."""
+    import yaml
+
+    class UniqueKeySafeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # '<<' merges may be overridden by the mapping's own keys
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise DuplicateKeyError(key, line, seen[key])
+                        seen[key] = line
+                    except TypeError:
+                        continue  # an unhashable key: the base class reports it
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeySafeLoader)  # a SafeLoader: plain data only
+
+
 def config_from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
     """A Config from a plain mapping plus `a.b=c` overrides (values parsed as YAML scalars)."""
     import yaml
@@ -557,7 +634,15 @@ def config_from_dict(values: dict[str, Any] | None, overrides: list[str] = ()) -
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. ppo.iterations=10")
         key, raw = item.split("=", 1)
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        if not key.strip():
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. ppo.iterations=10")
+        try:
+            value = _safe_load(raw)
+        except DuplicateKeyError as err:
+            raise ValueError(f"--set {item}: duplicate key {err.key!r}") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item}: not valid YAML ({err.__class__.__name__})") from None
+        _set(tree, key.strip(), value)
     return _build(Config, tree)
 
 
@@ -571,7 +656,11 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> C
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = _safe_load(path.read_text()) or {}
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        except DuplicateKeyError as err:
+            raise ValueError(f"{path} {err}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
