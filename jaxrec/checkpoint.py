@@ -86,14 +86,21 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint {self.directory}/{step} (steps there: "
+                                    f"{self.all_steps()})")
         target = _as_tree(state, sim_state, key)
         self._check_shapes(step, target)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardRestore(_abstract(target)), record=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    arrays=ocp.args.StandardRestore(_abstract(target)),
+                    record=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as err:  # orbax/tensorstore: a bare Exception with a page of spec
+            raise self._unreadable(step, err) from None
         arrays = restored["arrays"]
         impl = jax.random.key_impl(key)
         return (
@@ -103,22 +110,48 @@ class Checkpointer:
             dict(restored["record"]),
         )
 
+    def _unreadable(self, step: int, err: BaseException) -> ValueError:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        cause = lines[0] if lines else type(err).__name__
+        cause = cause.split(". See full TensorStore details")[0]  # then a page of JSON spec
+        cause = cause if len(cause) <= 200 else cause[:200] + "..."
+        return ValueError(f"checkpoint {self.directory}/{step} is unreadable (corrupt or "
+                          f"truncated): {cause}")
+
     def _check_shapes(self, step: int, target: dict) -> None:
-        meta = self._manager.item_metadata(step)["arrays"]
+        where = f"checkpoint {self.directory}/{step}"
+        try:
+            meta = self._manager.item_metadata(step)["arrays"]
+        except Exception as err:
+            raise self._unreadable(step, err) from None
+        if meta is None:  # orbax reads no metadata without arrays/_METADATA
+            missing = "arrays/_METADATA is missing"
+            if (self.directory / str(step) / "arrays" / "_METADATA").is_file():
+                missing = "orbax finds no metadata for its arrays"
+            raise ValueError(f"{where} is incomplete: {missing} (an interrupted save, or files "
+                             "lost since)")
         saved = {jax.tree_util.keystr(p): tuple(m.shape)
                  for p, m in jax.tree_util.tree_leaves_with_path(meta)}
+        wanted = set()
         for path, leaf in jax.tree_util.tree_leaves_with_path(target):
             name = jax.tree_util.keystr(path)
+            wanted.add(name)
             if name not in saved:
                 raise ValueError(
-                    f"checkpoint {self.directory}/{step} has no array {name}: the config's "
+                    f"{where} has no array {name}: the config's "
                     "model or optimizer differs from the one that wrote it"
                 )
             if saved[name] != tuple(leaf.shape):
                 raise ValueError(
-                    f"checkpoint {self.directory}/{step}: {name} has shape {saved[name]}, "
+                    f"{where}: {name} has shape {saved[name]}, "
                     f"the config gives {tuple(leaf.shape)}"
                 )
+        extra = sorted(set(saved) - wanted)
+        if extra:
+            raise ValueError(
+                f"{where} has array {extra[0]} that the config has no place for: the config's "
+                "model or optimizer differs from the one that wrote it"
+            )
 
     def close(self) -> None:
         self._manager.close()

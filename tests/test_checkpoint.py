@@ -85,3 +85,49 @@ def test_non_finite_params_are_never_written(tmp_path):
     assert ckpt.latest_step() is None
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         ckpt.restore(None, state, users, key)
+
+
+def _saved(tmp_path):
+    state, users, key = _run_state()
+    ckpt = Checkpointer(tmp_path / "ppo", keep=1, asynchronous=False)
+    ckpt.save(1, state, users, key, {"iteration": 1})
+    ckpt.close()
+    return state, users, key
+
+
+def test_truncated_checkpoint_is_a_one_line_error(tmp_path):
+    state, users, key = _saved(tmp_path)
+    data = tmp_path / "ppo" / "1" / "arrays" / "ocdbt.process_0" / "d"
+    largest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    ckpt = Checkpointer(tmp_path / "ppo", keep=1, asynchronous=False)
+    with pytest.raises(ValueError, match=rf"^checkpoint {tmp_path}/ppo/1 is unreadable \(corrupt "
+                                         r"or truncated\): ") as e:
+        ckpt.restore(None, state, users, key)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_checkpoint_without_metadata_is_incomplete(tmp_path):
+    state, users, key = _saved(tmp_path)
+    (tmp_path / "ppo" / "1" / "arrays" / "_METADATA").unlink()
+    ckpt = Checkpointer(tmp_path / "ppo", keep=1, asynchronous=False)
+    with pytest.raises(ValueError, match=rf"^checkpoint {tmp_path}/ppo/1 is incomplete: "
+                                         r"arrays/_METADATA is missing") as e:
+        ckpt.restore(None, state, users, key)
+    assert "\n" not in str(e.value) and "differs" not in str(e.value)
+
+
+def test_model_mismatch_keeps_its_message(tmp_path):
+    state, users, key = _saved(tmp_path)
+    ckpt = Checkpointer(tmp_path / "ppo", keep=1, asynchronous=False)
+    fewer = state.replace(policy={k: v for k, v in state.policy.items() if k != "final_norm"})
+    with pytest.raises(ValueError, match=r"/1 has array \['state'\]\['policy'\]\['final_norm'\]"
+                                         r"\S* that the config has no place for: the config's "
+                                         "model or optimizer differs"):
+        ckpt.restore(1, fewer, users, key)
+    more = state.replace(policy={**state.policy, "extra": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"/1 has no array \['state'\]\['policy'\]\['extra'\]: "
+                                         "the config's model or optimizer differs"):
+        ckpt.restore(1, more, users, key)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint .*/ppo/7 \(steps there: \[1\]\)"):
+        ckpt.restore(7, state, users, key)

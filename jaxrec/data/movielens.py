@@ -212,11 +212,15 @@ def _split_rows(
         yield lineno, fields
 
 
-def _int(text: str, what: str) -> int:
+def _int(text: str, what: str, bits: int = 64) -> int:
+    """An integer field that fits a signed `bits`-bit integer (the column it goes into)."""
     try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{what} {text!r} is not an integer") from None
+        value = int(text)
+    except ValueError:  # also a number of more than sys.get_int_max_str_digits() digits
+        raise ValueError(f"{what} {_show(text)} is not an integer") from None
+    if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        raise ValueError(f"{what} {_show(text)} is outside the int{bits} range")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +235,14 @@ def _genre_names_100k(folder: pathlib.Path, issues: _Issues) -> tuple[str, ...]:
     for lineno, (name, index) in _split_rows(path, "|", 2, issues):
         try:
             index = _int(index, "genre index")
+            if index in names:
+                raise ValueError(f"genre index {index} is listed twice")
         except ValueError as err:
             issues.bad(path, lineno, str(err))
             continue
         names[index] = _GENRE_ALIASES.get(name, name)
+    if not names:  # else every u.item row would be blamed for its genre flags
+        raise ValueError(f"{path}: lists no genres (expected 'name|index' lines)")
     if sorted(names) != list(range(len(names))):
         raise ValueError(f"{path}: genre indices are not 0..{len(names) - 1}: {sorted(names)}")
     return tuple(names[i] for i in range(len(names)))
@@ -297,7 +305,7 @@ def _users_100k(path: pathlib.Path, issues: _Issues) -> dict:
     users: dict[int, tuple[str, int, str, str]] = {}
     for lineno, (user_id, age, gender, occupation, zip_code) in _split_rows(path, "|", 5, issues):
         try:
-            user_id, age = _int(user_id, "user id"), _int(age, "age")
+            user_id, age = _int(user_id, "user id"), _int(age, "age", bits=32)
             if gender not in ("M", "F"):
                 raise ValueError(f"gender must be M or F, got {gender!r}")
             if user_id in users:
@@ -313,7 +321,7 @@ def _users_1m(path: pathlib.Path, issues: _Issues) -> dict:
     users: dict[int, tuple[str, int, str, str]] = {}
     for lineno, (user_id, gender, age, code, zip_code) in _split_rows(path, "::", 5, issues):
         try:
-            user_id, age = _int(user_id, "user id"), _int(age, "age")
+            user_id, age = _int(user_id, "user id"), _int(age, "age", bits=32)
             code = _int(code, "occupation code")
             if not 0 <= code < len(OCCUPATIONS_1M):
                 raise ValueError(f"occupation code {code} is outside 0..{len(OCCUPATIONS_1M) - 1}")

@@ -247,11 +247,19 @@ class HFTokenizer:
         folder = pathlib.Path(folder)
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a directory")
-        hf_files = ("tokenizer.json", "tokenizer_config.json", "config.json")
-        if any((folder / f).is_file() for f in hf_files):
-            from transformers import AutoTokenizer
-
-            return cls(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        hf_files = ("tokenizer.json", "tokenizer_config.json")
+        has_hf = any((folder / f).is_file() for f in hf_files)
+        if has_hf or (folder / "config.json").is_file():
+            if not (folder / "tokenizer.json").is_file() and not any(
+                (folder / f).is_file() for f in _VOCAB_FILES
+            ):
+                found = [f for f in ("tokenizer_config.json", "config.json")
+                         if (folder / f).is_file()]
+                raise ValueError(
+                    f"{folder}: no tokenizer files (has {' and '.join(found)} but no "
+                    "tokenizer.json, vocab.json + merges.txt or tokenizer.model)"
+                )
+            return cls(_auto_tokenizer(folder))
         gpt2_files = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
         for vocab_name, merges_name in gpt2_files:
             if (folder / vocab_name).is_file() and (folder / merges_name).is_file():
@@ -302,14 +310,81 @@ def _id_or_none(i) -> int:
     return -1 if i is None else int(i)
 
 
+# Vocabulary files transformers' slow tokenizers read (besides tokenizer.json)
+_VOCAB_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "spiece.model",
+                "sentencepiece.bpe.model", "tiktoken.model")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The gist of a (possibly many-line) exception message, on one line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    if isinstance(err, KeyError):
+        text = f"missing key {text}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _read_json(path: pathlib.Path):
+    """A JSON file's content; ValueError naming the file and the position when it is not."""
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg}: line {err.lineno} column "
+                         f"{err.colno})") from None
+
+
+def _auto_tokenizer(folder: pathlib.Path):
+    """transformers' AutoTokenizer on a local folder; its errors as one line naming the file."""
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (folder / name).is_file() and not isinstance(_read_json(folder / name), dict):
+            raise ValueError(f"{folder / name}: expected a JSON object")
+    blame = folder / "tokenizer.json" if (folder / "tokenizer.json").is_file() else folder
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # KeyError, ValueError, Exception from the `tokenizers` library
+        raise ValueError(f"{blame}: cannot load the tokenizer ({_first_line(err)})") from None
+
+
 def _gpt2_from_files(vocab_path: pathlib.Path, merges_path: pathlib.Path):
     """OpenAI's GPT-2 byte-level BPE from encoder.json + vocab.bpe."""
     from transformers import GPT2TokenizerFast
 
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    lines = merges_path.read_text(encoding="utf-8").split("\n")
-    merges = [tuple(ln.split(" ")) for ln in lines if ln and not ln.startswith("#version")]
-    return GPT2TokenizerFast(vocab=vocab, merges=merges)
+    vocab = _read_json(vocab_path)
+    if not isinstance(vocab, dict) or not all(
+        isinstance(k, str) and type(v) is int for k, v in vocab.items()
+    ):
+        raise ValueError(f"{vocab_path}: expected a JSON object of token -> integer id")
+    merges = []
+    for lineno, line in enumerate(_read_text(merges_path).split("\n"), 1):
+        if not line or line.startswith("#version"):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            raise ValueError(f"{merges_path}, line {lineno}: expected a merge of 2 tokens "
+                             f"separated by one space, got {len(pair)} fields: {line[:80]!r}")
+        for token in (*pair, pair[0] + pair[1]):
+            if token not in vocab:
+                raise ValueError(f"{merges_path}, line {lineno}: token {token!r} is not in "
+                                 f"{vocab_path.name}")
+        merges.append(tuple(pair))
+    try:
+        return GPT2TokenizerFast(vocab=vocab, merges=merges)
+    except Exception as err:  # the `tokenizers` library's own checks
+        raise ValueError(f"{merges_path}: cannot build the GPT-2 tokenizer "
+                         f"({_first_line(err)})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import shutil
 import tempfile
 import warnings
@@ -39,6 +38,12 @@ _MODEL_TYPES = {
 }
 _GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# config.json sizes and counts (Llama-style and GPT-2 names): positive integers when present
+_SIZES = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head",
+    "n_inner", "n_positions",
+)
 
 Shape = tuple[int, ...]
 Path = tuple[str, ...]  # keys into the nested param dict, e.g. ('block_0', 'attn', 'q', 'kernel')
@@ -175,6 +180,34 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq")  # older Llama checkpoints store RoPE freqs
 
 
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The gist of a (possibly many-line) exception message, on one line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:  # 'Validation error for field x:' + the cause
+        text = f"{text} {lines[1]}"
+    if isinstance(err, KeyError):
+        text = f"missing key {text}"
+    if len(text) > limit:  # keep the first sentence of a long paragraph
+        cut = text.find(". ")
+        text = text[: cut + 1] if 0 < cut < limit else text[:limit] + "..."
+    return text
+
+
+def _read_json(path: pathlib.Path):
+    """A JSON file's content; ValueError naming the file (and the position) when it is not."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err.msg}: line {err.lineno} column "
+                         f"{err.colno})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # config.json
 
@@ -183,8 +216,13 @@ def _architecture(folder: pathlib.Path) -> str:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
-    with open(path) as fh:
-        raw = json.load(fh)
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    for key in _SIZES:  # checked here: transformers fails on these with a traceback (or not)
+        value = raw.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{path}: {key}={value!r} must be a positive integer")
     archs = raw.get("architectures") or []
     if not archs and raw.get("model_type") in _MODEL_TYPES:
         archs = [_MODEL_TYPES[raw["model_type"]]]
@@ -368,9 +406,26 @@ class _Weights:
         )
 
     def _index(self, index: str) -> list[str]:
-        with open(self.folder / index) as fh:
-            weight_map = json.load(fh)["weight_map"]
-        return sorted(set(weight_map.values()))
+        """The shard files an index names: each a plain file inside the folder."""
+        path = self.folder / index
+        raw = _read_json(path)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{path}: no 'weight_map' object (tensor name -> shard file)")
+        files = set()
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or not file:
+                raise ValueError(f"{path}: weight_map[{name!r}] = {file!r} is not a file name")
+            # A bare name: no folder part, '..' or absolute path can point outside the folder.
+            # (Not resolved: Hugging Face's cache links shards to blobs elsewhere, legitimately.)
+            if pathlib.PurePath(file).name != file or file in (".", "..") or "\\" in file:
+                raise ValueError(f"{path}: weight_map[{name!r}] = {file!r} is not a file in "
+                                 f"{self.folder}")
+            if not (self.folder / file).is_file():
+                raise ValueError(f"{path}: shard {file!r} (for {name!r}) is missing from "
+                                 f"{self.folder}")
+            files.add(file)
+        return sorted(files)
 
     def _record(self, name: str, shape, file: str) -> None:
         if name in self.where:
@@ -381,19 +436,48 @@ class _Weights:
     def _add_safetensors(self, file: str) -> None:
         from safetensors import safe_open
 
-        with safe_open(self.folder / file, framework="np") as fh:
-            for name in fh.keys():
-                self._record(name, fh.get_slice(name).get_shape(), file)
+        try:
+            with safe_open(self.folder / file, framework="np") as fh:
+                shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}
+        except Exception as err:  # SafetensorError: truncated, empty or not safetensors
+            raise ValueError(f"{self.folder / file}: not a readable safetensors file "
+                             f"({_first_line(err)})") from None
+        for name, shape in shapes.items():
+            self._record(name, shape, file)
 
     def _add_torch(self, file: str) -> None:
+        import pickle
+
         import torch  # only for pickled checkpoints, and only with weights_only loading
 
-        state = torch.load(self.folder / file, map_location="cpu", weights_only=True)
+        path = self.folder / file
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{path}: torch.load(weights_only=True) refused it: not a PyTorch "
+                             "state dict (corrupt, or it pickles objects other than tensors)"
+                             ) from None
+        except Exception as err:  # RuntimeError (bad zip), EOFError, ...
+            raise ValueError(f"{path}: not a readable PyTorch file ({_first_line(err)})"
+                             ) from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state dict (tensor name -> tensor), got "
+                             f"{type(state).__name__}")
+        for name, t in state.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                raise ValueError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
         self._torch[file] = state
         for name, t in state.items():
             self._record(name, t.shape, file)
 
     def read(self, name: str) -> np.ndarray:
+        try:
+            return self._read(name)
+        except Exception as err:
+            raise ValueError(f"{self.folder / self.where[name]}: cannot read tensor {name!r} "
+                             f"({_first_line(err)})") from None
+
+    def _read(self, name: str) -> np.ndarray:
         file = self.where[name]
         if file in self._torch:
             import torch
@@ -475,12 +559,21 @@ def load_hf(folder, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {DTYPES}")
     arch = _architecture(folder)
-    hf = AutoConfig.from_pretrained(folder)
+    where = str(folder / "config.json")
+    try:
+        hf = AutoConfig.from_pretrained(folder)
+    except Exception as err:  # transformers' validation: TypeError, ValueError, ZeroDivision...
+        raise ValueError(f"{where}: {_first_line(err)}") from None
     model_type = next(t for t, a in _MODEL_TYPES.items() if a == arch)
     if hf.model_type != model_type:
-        raise ValueError(f"{folder / 'config.json'}: model_type={hf.model_type!r} does not match "
+        raise ValueError(f"{where}: model_type={hf.model_type!r} does not match "
                          f"architectures=[{arch!r}] (expected {model_type!r})")
-    cfg = config_from_hf(hf, arch, where=str(folder / "config.json"))
+    try:
+        cfg = config_from_hf(hf, arch, where=where)
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(where):
+            raise  # already names the file
+        raise ValueError(f"{where}: {_first_line(err)}") from None
     if dtype is not None:
         cfg = cfg.replace(param_dtype=dtype)
     np_dtype = _NP_DTYPES[dtype or "float32"]
@@ -540,12 +633,16 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir, tokenizer=None, dtype: str 
     """Write a Hugging Face folder (config.json, generation_config.json, model.safetensors).
 
     `dtype` ('float32' or 'bfloat16') is the stored weight dtype. A tokenizer with
-    `save_pretrained` is saved alongside. Everything is written to a temporary folder first and
-    moved into place at the end, so a failure leaves no half-written checkpoint.
+    `save_pretrained` is saved alongside. `out_dir` must not exist or be an empty folder (as
+    for `jaxrec export`): files of an earlier export would otherwise mix with these. Everything
+    is written to a temporary sibling folder first and renamed into place at the end, so a
+    failure leaves no half-written checkpoint and `out_dir` as it was.
     """
     from safetensors.numpy import save_file
     from transformers import GenerationConfig
 
+    out_dir = pathlib.Path(out_dir).resolve()
+    _check_out_dir(out_dir)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed; choose one of {DTYPES}")
     hf_cfg = _hf_config(cfg, dtype)
@@ -568,7 +665,6 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir, tokenizer=None, dtype: str 
             ours.append(value.astype(np.float32))
         tensors[t.name] = np.ascontiguousarray(t.to_hf(tuple(ours)).astype(np_dtype))
 
-    out_dir = pathlib.Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -577,34 +673,21 @@ def save_hf(cfg: ModelConfig, params: dict, out_dir, tokenizer=None, dtype: str 
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
-        _move_into_place(tmp, out_dir)
+        _check_out_dir(out_dir)  # still absent or empty: nothing appeared meanwhile
+        try:
+            # One rename of the whole folder (over an empty one, if there): all or nothing.
+            os.replace(tmp, out_dir)
+        except OSError as err:  # something was written into out_dir meanwhile
+            raise FileExistsError(f"{out_dir} exists and is not an empty folder ({err.strerror})"
+                                  ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-# Weight files that a previous export into the same folder may have left (single or sharded).
-_WEIGHT_FILE = re.compile(
-    r"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-    r"|pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json)"
-)
-
-
-def _move_into_place(tmp: pathlib.Path, out_dir: pathlib.Path) -> None:
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-        return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
-    # An existing folder: drop stale weight files (old shards would shadow or mix with ours),
-    # then move each new file in; os.replace is atomic per file.
-    for old in out_dir.iterdir():
-        if old.is_file() and _WEIGHT_FILE.fullmatch(old.name):
-            old.unlink()
-    for new in tmp.iterdir():
-        target = out_dir / new.name
-        if target.is_dir() and not new.is_dir():
-            shutil.rmtree(target)
-        os.replace(new, target)
+def _check_out_dir(out_dir: pathlib.Path) -> None:
+    """Refuse to write into a file or a non-empty folder, as `jaxrec export` does: files of an
+    earlier export (tokenizer, catalogue, other shards) would be mixed with ours."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty folder; save into a new "
+                              "or empty one")

@@ -43,7 +43,9 @@ def save_pretrained(
     """Write a Hugging Face folder that transformers' AutoModelForCausalLM loads.
 
     `dtype` is the stored weight dtype ('float32' | 'bfloat16'); a tokenizer with
-    `save_pretrained` is saved alongside.
+    `save_pretrained` is saved alongside. `out_dir` must be new or empty (FileExistsError
+    otherwise): the folder is written beside it and moved into place whole, so a failure
+    leaves nothing half-written and no file of an earlier model is mixed in.
     """
     from jaxrec.models.hf import save_hf
 

@@ -3,6 +3,7 @@ into the repository), the other layouts on tiny files written here, and malforme
 
 import csv
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -358,6 +359,61 @@ def test_csv_errors(tmp_path):
         load_movielens("movielens-latest-small", tmp_path)
     table = load_movielens("movielens-latest-small", tmp_path, lenient=True)
     assert (len(table), table.skipped) == (1, 1)
+
+
+@pytest.fixture()
+def real_copy(tmp_path, root):
+    """A writable copy of the real ml-100k, to corrupt."""
+    folder = tmp_path / "ml-100k"
+    shutil.copytree(root / "ml-100k", folder)
+    return folder
+
+
+def _prepend(path, line):
+    path.write_bytes(line.encode("iso-8859-1") + b"\n" + path.read_bytes())
+
+
+HUGE = "99999999999999999999"  # 20 digits: more than int64 holds
+
+
+@pytest.mark.parametrize(
+    "file, line, why",
+    [
+        ("u.data", f"196\t242\t3\t{HUGE}", f"timestamp '{HUGE}' is outside the int64 range"),
+        ("u.data", f"196\t{HUGE}\t3\t881250949", f"movie id '{HUGE}' is outside the int64 range"),
+        ("u.data", f"-{HUGE}\t242\t3\t881250949",
+         f"user id '-{HUGE}' is outside the int64 range"),
+        ("u.item", f"{HUGE}|X (1990)|01-Jan-1990||http://x|" + "|".join("0" * 18 + "1"),
+         f"movie id '{HUGE}' is outside the int64 range"),
+        ("u.user", f"{HUGE}|24|M|technician|85711", f"user id '{HUGE}' is outside the int64 range"),
+        ("u.user", "1000|99999999999|M|technician|85711",
+         "age '99999999999' is outside the int32 range"),
+    ],
+    ids=["timestamp", "movie-id", "user-id", "item-id", "user-row-id", "age"],
+)
+def test_numbers_too_big_are_bad_rows(real_copy, file, line, why):
+    _prepend(real_copy / file, line)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(real_copy / file))}, line 1: "
+                                         rf"{re.escape(why)}$"):
+        load_movielens("movielens-100k", real_copy.parent)
+    table = load_movielens("movielens-100k", real_copy.parent, lenient=True)
+    assert (len(table), table.skipped) == (100_000, 1)  # the real rows all stay
+    assert table.skipped_notes[0].endswith(f"{file}, line 1: {why}")
+
+
+def test_empty_or_duplicated_u_genre_names_u_genre(real_copy):
+    genre = real_copy / "u.genre"
+    text = genre.read_text(encoding="iso-8859-1")
+    genre.write_text(text + "Extra|5\n", encoding="iso-8859-1")
+    line = text.count("\n") + 1  # the real file ends with a blank line
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(genre))}, line {line}: genre index 5 "
+                                         "is listed twice$"):
+        load_movielens("movielens-100k", real_copy.parent)
+    table = load_movielens("movielens-100k", real_copy.parent, lenient=True)
+    assert table.skipped == 1 and "Comedy" in table.items.genre_names  # not renamed 'Extra'
+    genre.write_text("")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(genre))}: lists no genres"):
+        load_movielens("movielens-100k", real_copy.parent)
 
 
 def test_missing_folder_and_files(tmp_path):

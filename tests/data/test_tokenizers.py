@@ -1,6 +1,8 @@
 """Tokenizers: llama2.c tokenizer.bin (run.c semantics), GPT-2 files, Hugging Face folders,
 offline byte-level BPE training, and the no-jax import rule."""
 
+import re
+import shutil
 import subprocess
 import sys
 
@@ -132,6 +134,80 @@ def test_load_tokenizer_dispatch(tmp_path, stories):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "tokenizer.bin").write_bytes((stories / "tok512.bin").read_bytes())
     assert isinstance(load_tokenizer(tmp_path / "bin"), Llama2cTokenizer)
+
+
+# Bad files: a one-line ValueError naming the folder or file (and the line of a merge)
+
+
+@pytest.fixture()
+def hf_folder(tmp_path, tok512):
+    folder = tmp_path / "hf"
+    tok512.save_pretrained(folder)  # tokenizer.json, tokenizer_config.json, tokenizer.bin
+    return folder
+
+
+def _one_line_error(folder, match):
+    with pytest.raises(ValueError, match=match) as e:
+        load_tokenizer(folder)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_model_folder_without_tokenizer_files(tmp_path, hf_folder):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    _one_line_error(model, re.escape(f"{model}: no tokenizer files (has config.json but no "
+                                     "tokenizer.json"))
+    shutil.copy(hf_folder / "tokenizer_config.json", model)
+    _one_line_error(model, re.escape(f"{model}: no tokenizer files (has tokenizer_config.json "
+                                     "and config.json"))
+
+
+def test_corrupt_tokenizer_json(hf_folder):
+    path = hf_folder / "tokenizer.json"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text[: len(text) // 2], encoding="utf-8")
+    _one_line_error(hf_folder, re.escape(f"{path}: not valid JSON (") + r".*: line \d+ column")
+    path.write_text("{}")  # valid JSON, not a tokenizer
+    _one_line_error(hf_folder, re.escape(f"{path}: cannot load the tokenizer ("))
+    path.write_text("[]")
+    _one_line_error(hf_folder, re.escape(f"{path}: expected a JSON object"))
+
+
+@pytest.fixture()
+def gpt2_folder(tmp_path, shared_dir):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(shared_dir / "models" / "gpt2-tokenizer", folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("\u0120t he re", r"vocab\.bpe, line 3: expected a merge of 2 tokens .*got 3 fields"),
+        ("\u0120t  he", r"vocab\.bpe, line 3: expected a merge of 2 tokens .*got 3 fields"),
+        ("zzzzqqq yyyyxxx", r"vocab\.bpe, line 3: token 'zzzzqqq' is not in encoder\.json"),
+    ],
+    ids=["three-tokens", "two-spaces", "unknown-token"],
+)
+def test_bad_gpt2_merges(gpt2_folder, bad, match):
+    path = gpt2_folder / "vocab.bpe"
+    lines = path.read_text(encoding="utf-8").split("\n")
+    assert lines[0].startswith("#version")
+    lines.insert(2, bad)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    assert _one_line_error(gpt2_folder, match).startswith(str(path))
+
+
+def test_corrupt_gpt2_encoder(gpt2_folder):
+    path = gpt2_folder / "encoder.json"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _one_line_error(gpt2_folder, re.escape(f"{path}: not valid JSON ("))
+    path.write_text('{"a": "zero"}')
+    _one_line_error(gpt2_folder, re.escape(f"{path}: expected a JSON object of token -> "
+                                           "integer id"))
 
 
 def _titles(n, seed=0):

@@ -5,6 +5,7 @@ a wrong mapping of any tensor shows in the logits.
 """
 
 import json
+import pathlib
 import re
 import sys
 import types
@@ -292,18 +293,63 @@ def test_export_failure_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_into_existing_folder_replaces_stale_shards(tmp_path):
-    _llama().save_pretrained(tmp_path, max_shard_size="8KB")  # leaves sharded weights
-    (tmp_path / "README.md").write_text("keep me")
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file()}
+
+
+class _FileTok:
+    """A tokenizer whose save_pretrained writes `names` (and then fails, if asked)."""
+
+    def __init__(self, *names, fail=False):
+        self.names, self.fail = names, fail
+
+    def save_pretrained(self, path):
+        for name in self.names:
+            (pathlib.Path(path) / name).write_text("{}")
+        if self.fail:
+            raise OSError("disk full")
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_it_as_it_was(tmp_path):
     cfg = llama_config(**_SMALL)
-    params = init_params(cfg, jax.random.key(1), head="both")  # jax arrays, with a value head
+    out = tmp_path / "out"
+    save_pretrained(cfg, _perturbed(cfg), out, tokenizer=_FileTok("tokenizer.json"))
+    (out / "jaxrec_catalogue.json").write_text('{"items": []}')  # as `jaxrec export` adds
+    before = _snapshot(out)
+    params = init_params(cfg, jax.random.key(1), head="both")  # another model, a value head
+    with pytest.raises(FileExistsError, match=re.escape(f"{out} exists and is not an empty "
+                                                        "folder")) as e:
+        save_pretrained(cfg, params, out)
+    _one_line(e)
+    assert _snapshot(out) == before  # the old export, untouched: no new weights beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is not an empty folder"):
+        save_pretrained(cfg, params, tmp_path / "file")
+
+    empty = tmp_path / "empty"  # an existing empty folder is fine: it holds only the new export
+    empty.mkdir()
     assert "value_head" in params  # dropped: an LM export has no place for it
-    save_pretrained(cfg, params, tmp_path)
-    assert not list(tmp_path.glob("model-*")) and not (tmp_path / "model.safetensors.index.json"
-                                                       ).exists()
-    assert (tmp_path / "README.md").read_text() == "keep me"
-    cfg2, params2 = load_pretrained(tmp_path)
+    save_pretrained(cfg, params, empty)
+    assert sorted(p.name for p in empty.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    _, params2 = load_pretrained(empty)
     np.testing.assert_array_equal(params2["embed"], np.asarray(params["embed"]))
+
+
+def test_export_failure_midway_leaves_the_folder_as_it_was(tmp_path):
+    cfg = llama_config(**_SMALL)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OSError, match="disk full"):  # after the weights, during the tokenizer
+        save_pretrained(cfg, _perturbed(cfg), out, tokenizer=_FileTok("tokenizer.json",
+                                                                       fail=True))
+    assert list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder left
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(cfg, _perturbed(cfg), tmp_path / "new", tokenizer=_FileTok(fail=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,3 +490,93 @@ def test_stories260k_exports_to_transformers(shared_dir, tmp_path):
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40)).astype(np.int32)
     ours = np.asarray(logits(cfg, params, tokens))
     np.testing.assert_allclose(_torch_logits(model, tokens), ours, atol=TOL, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Corrupt folders: a one-line ValueError naming the file, never a traceback from a library
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _to_pytorch_bin(folder, state=None):
+    """The folder's weights as pytorch_model.bin (torch.save of `state`, default its tensors)."""
+    if state is None:
+        state = {k: torch.from_numpy(v.copy())
+                 for k, v in load_file(folder / "model.safetensors").items()}
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+def _to_index(folder, weight_map):
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    index = {} if weight_map is None else {"metadata": {}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a malicious pickle does on load: run code
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def _evil_pickle(folder):
+    import pickle
+
+    (folder / "model.safetensors").unlink()
+    with open(folder / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"x": _Payload(folder / "PWNED")}, fh)
+
+
+CORRUPT = {
+    "truncated-safetensors": (lambda f: _truncate(f / "model.safetensors"),
+                              "model.safetensors: not a readable safetensors file"),
+    "garbage-safetensors": (lambda f: (f / "model.safetensors").write_bytes(b"garbage" * 20),
+                            "model.safetensors: not a readable safetensors file"),
+    "heads-0": (lambda f: _edit_config(f, num_attention_heads=0),
+                "config.json: num_attention_heads=0 must be a positive integer"),
+    "vocab-str": (lambda f: _edit_config(f, vocab_size="abc"),
+                  "config.json: vocab_size='abc' must be a positive integer"),
+    "hidden-65": (lambda f: _edit_config(f, hidden_size=65), r"config\.json.*\b65\b"),
+    "config-list": (lambda f: (f / "config.json").write_text("[]"),
+                    "config.json: expected a JSON object, got list"),
+    "config-bad-json": (lambda f: (f / "config.json").write_text('{"architectures": '),
+                        r"config\.json: not valid JSON \(.*: line 1 column \d+\)"),
+    "index-no-weight-map": (lambda f: _to_index(f, None),
+                            "model.safetensors.index.json: no 'weight_map' object"),
+    "index-outside": (lambda f: _to_index(f, {"model.embed_tokens.weight": "../x.safetensors"}),
+                      r"model\.safetensors\.index\.json: weight_map\['model\.embed_tokens\."
+                      r"weight'\] = '\.\./x\.safetensors' is not a file in"),
+    "index-absolute": (lambda f: _to_index(f, {"model.norm.weight": str(f / "config.json")}),
+                       r"model\.safetensors\.index\.json: .* is not a file in"),
+    "index-missing-shard": (lambda f: _to_index(f, {"a": "model-00001-of-00002.safetensors"}),
+                            r"index\.json: shard 'model-00001-of-00002\.safetensors' \(for 'a'\) "
+                            "is missing"),
+    "bin-truncated": (lambda f: (_to_pytorch_bin(f), _truncate(f / "pytorch_model.bin")),
+                      "pytorch_model.bin: not a readable PyTorch file"),
+    "bin-garbage": (lambda f: (_to_pytorch_bin(f),
+                               (f / "pytorch_model.bin").write_bytes(b"garbage" * 20)),
+                    r"pytorch_model\.bin: torch\.load\(weights_only=True\) refused it"),
+    "bin-list": (lambda f: _to_pytorch_bin(f, [torch.zeros(2)]),
+                 "pytorch_model.bin: expected a state dict .*, got list"),
+    "bin-non-tensor": (lambda f: _to_pytorch_bin(f, {"model.norm.weight": [1, 2]}),
+                       "pytorch_model.bin: entry 'model.norm.weight' is a list, not a tensor"),
+    "bin-code": (_evil_pickle, r"pytorch_model\.bin: torch\.load\(weights_only=True\) refused"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_corrupt_folder_is_a_one_line_error(case, tmp_path):
+    folder = tmp_path / "model"
+    _llama().save_pretrained(folder)
+    corrupt, match = CORRUPT[case]
+    corrupt(folder)
+    with pytest.raises(ValueError, match=match) as e:
+        load_pretrained(folder)
+    _one_line(e)
+    assert str(folder) in str(e.value)
+    assert not (folder / "PWNED").exists()  # a pickle never runs code
