@@ -155,6 +155,19 @@ def test_make_iteration_from_a_config():
     assert int(state.step) == config.ppo.epochs * config.ppo.minibatches
 
 
+def test_iterations_from_restored_params_compile_once():
+    """A policy restored from a checkpoint sits committed on a device while the rest of the
+    initial state does not; the iteration must still compile once, not again on its second
+    call (as the iteration's committed outputs come back in)."""
+    config = load_config(None, [x for x in TINY if not x.startswith("checkpoint")])
+    fresh = PPORun(config).params
+    run = PPORun(config, params=jax.device_put(fresh, jax.local_devices()[0]))
+    state, users, key = run.initial()
+    for i in range(2):
+        state, users, _ = run.iteration(state, users, jax.random.fold_in(key, i))
+    assert run.iteration._cache_size() == 1
+
+
 def _spawn(workdir, iterations):
     import subprocess
     import sys
