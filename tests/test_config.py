@@ -59,17 +59,27 @@ def test_errors_name_the_key(values, overrides, message):
         config_from_dict(values, overrides)
 
 
-def test_file_errors_name_the_file_and_line(tmp_path):
+@pytest.mark.parametrize("content, message", [
+    ("ppo:\n  epochs: 2\n   iterations: [\n", r"bad.yaml line \d+: not valid YAML"),
+    ("ppo:\n  epochz: 2\n", r"bad.yaml: unknown config key ppo.epochz"),
+    ("seed: !!python/object/apply:os.getcwd []\n", r"bad.yaml line 1: not valid YAML"),
+    (b"\xff\xfe\x00seed: 1\n", r"bad.yaml: not UTF-8 text \(byte 0\)"),
+])
+def test_file_errors_name_the_file_and_line(tmp_path, content, message):
+    """Bad YAML, an unknown key, an unsafe tag (never constructed) and a binary file."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("ppo:\n  epochs: 2\n   iterations: [\n")
-    with pytest.raises(ValueError, match=r"bad.yaml line \d+: not valid YAML"):
+    bad.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message):
         load_config(bad)
-    wrong = tmp_path / "wrong.yaml"
-    wrong.write_text("ppo:\n  epochz: 2\n")
-    with pytest.raises(ValueError, match=r"wrong.yaml: unknown config key ppo.epochz"):
-        load_config(wrong)
+
+
+def test_missing_files_and_bad_overrides_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.yaml does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"^--set '=1': expected key=value"):
+        config_from_dict({}, ["=1"])
+    with pytest.raises(ValueError, match=r"^--set ppo.epochs=\[: not valid YAML"):
+        config_from_dict({}, ["ppo.epochs=["])
 
 
 @pytest.mark.parametrize(
@@ -172,18 +182,3 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
     path.write_text("ppo:\n  <<: {epochs: 2, iterations: 3}\n  iterations: 5\n")
     cfg = load_config(path)
     assert cfg.ppo.epochs == 2 and cfg.ppo.iterations == 5
-
-
-def test_unsafe_tags_binary_files_and_bad_overrides_are_refused(tmp_path):
-    tagged = tmp_path / "tagged.yaml"
-    tagged.write_text("seed: !!python/object/apply:os.getcwd []\n")
-    with pytest.raises(ValueError, match=r"tagged.yaml line 1: not valid YAML"):
-        load_config(tagged)
-    binary = tmp_path / "binary.yaml"
-    binary.write_bytes(b"\xff\xfe\x00seed: 1\n")
-    with pytest.raises(ValueError, match=r"binary.yaml: not UTF-8 text \(byte 0\)"):
-        load_config(binary)
-    with pytest.raises(ValueError, match=r"^--set '=1': expected key=value"):
-        config_from_dict({}, ["=1"])
-    with pytest.raises(ValueError, match=r"^--set ppo.epochs=\[: not valid YAML"):
-        config_from_dict({}, ["ppo.epochs=["])
