@@ -347,6 +347,8 @@ class LoRAConfig:
             raise ValueError(f"lora.targets is empty; choose from {', '.join(LORA_TARGETS)}")
         for target in self.targets:
             _check_choice("lora", "targets", target, LORA_TARGETS)
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"lora.targets={list(self.targets)} names a layer twice")
 
     @property
     def scale(self) -> float:
@@ -507,6 +509,9 @@ class Config:
             raise ValueError(f"stages is empty; list one or more of {STAGES}")
         for stage in self.stages:
             _check_choice("", "stages", stage, STAGES)
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages={list(self.stages)} names a stage twice; each runs once, "
+                             f"in the order given")
 
     def to_dict(self) -> dict:
         return _to_plain(self)

@@ -47,6 +47,10 @@ def test_round_trip_through_yaml(tmp_path):
         ({}, ["rollout.constrained=1"], r"rollout.constrained must be true or false"),
         ({"data": {"source": "netflix"}}, [], r"data.source='netflix' is not allowed; choose"),
         ({"stages": ["train"]}, [], r"stages='train' is not allowed; choose one of"),
+        ({"stages": ["sft", "ppo", "ppo"]}, [], r"stages=\['sft', 'ppo', 'ppo'\] names a stage "
+                                                 r"twice"),
+        ({"lora": {"rank": 4, "targets": ["q", "v", "q"]}}, [],
+         r"lora.targets=\['q', 'v', 'q'\] names a layer twice"),
         ({}, ["ppo.lr_schedule=step"], r"ppo.lr_schedule='step' is not allowed"),
         ({}, ["ppo.clip_low=0"], r"ppo.clip_low=0.0 must be in \(0, 1\)"),
         ({}, ["checkpoint.keep=0"], r"checkpoint.keep=0 must be >= 1"),

@@ -282,6 +282,9 @@ def preference_pairs(
         raise ValueError(f"pairs_per_user must be >= 1, got {pairs_per_user}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     rows = np.arange(len(ratings), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    if rows.ndim != 1 or not rows.size:
+        raise ValueError(f"preference_pairs: rows must be a non-empty 1-D array of rating "
+                         f"indices, got shape {rows.shape}")
     rows = rows[np.lexsort((rows, ratings.rating[rows], ratings.user[rows]))]
     u, r = ratings.user[rows], ratings.rating[rows]  # [R], sorted by (user, rating)
     n_users = ratings.n_users
