@@ -138,11 +138,8 @@ class PPORun:
     def initial(self):
         """(state, users, key) at iteration 0. With a mesh, one jitted init writes each array
         straight into its shards (on several hosts, each computes and holds only its own)."""
-        if self.mesh is None:
-            # committed to the device, as the iteration's outputs are: with a mix of committed
-            # (a restored SFT policy) and uncommitted inputs, the second call would compile again
-            initial = self._initial_unsharded(self.params, self.reward_model)
-            return jax.device_put(initial, jax.local_devices()[0])
+        if self.mesh is None:  # committed, as the iteration's outputs are (see Placement)
+            return self.placement.commit(self._initial_unsharded(self.params, self.reward_model))
         return self.placement.from_host(self._initial_unsharded, self._shardings, self.params,
                                         self.reward_model)
 

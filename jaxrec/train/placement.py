@@ -1,6 +1,8 @@
 """Where a stage's arrays live (SFT, reward and PPO).
 
-On one device: nowhere special. With `mesh.shard`: the configured mesh over all devices (of
+On one device: everything committed to it (a jitted step fed a mix of committed arrays, such
+as a restored checkpoint's, and uncommitted ones compiles again when its own committed outputs
+come back). With `mesh.shard`: the configured mesh over all devices (of
 all processes), params and optimizer state split by the logical-axis rules, data whole on
 every device, and each step's batch rows split over data x fsdp (`rows`, for a
 `with_sharding_constraint` inside the step, or the PPO iteration's in_shardings). Everything
@@ -24,6 +26,7 @@ class Placement:
     def __init__(self, config: Config, model: ModelConfig, batch_size: int, batch_key: str):
         """`batch_size` (named `batch_key` in errors) must split evenly over data x fsdp."""
         self.model, self.mesh, self.rows, self.replicated = model, None, None, None
+        self._device = jax.local_devices()[0]
         if not config.mesh.shard:
             return
         from jaxrec.train.mesh import make_mesh
@@ -44,9 +47,13 @@ class Placement:
             jit_options["out_shardings"] = self.replicated
         return jax.jit(fn, **jit_options)
 
+    def commit(self, tree: Any) -> Any:
+        """Without a mesh: `tree` committed to the one device. With one: `tree` as it is."""
+        return jax.device_put(tree, self._device) if self.mesh is None else tree
+
     def whole(self, make):
         """make() (a key, a placeholder; no arguments), whole on every device of the mesh."""
-        return make() if self.mesh is None else self.jit_whole(make)()
+        return self.commit(make()) if self.mesh is None else self.jit_whole(make)()
 
     def from_host(self, init, out_shardings, *trees):
         """init(*trees) run as one program that writes each output straight into its shards.
@@ -60,7 +67,7 @@ class Placement:
         """A pytree of arrays every process holds alike, whole on every device of the mesh
         (through host copies: an array committed to one device cannot feed the mesh)."""
         if self.mesh is None:
-            return tree
+            return self.commit(tree)
         # make_array_from_callback, not device_put: jax 0.10's cross-process equality check
         # in device_put fails on arrays of one element
         whole = lambda x: jax.make_array_from_callback(x.shape, self.replicated, lambda i: x[i])
@@ -70,7 +77,7 @@ class Placement:
         """init(params) -> a state with fields `step`, `params` and `opt_state` (of the optax
         transformation `tx`), written straight into its shards on a mesh."""
         if self.mesh is None:
-            return init(params)
+            return self.commit(init(params))
         from jaxrec.train.mesh import named, opt_specs, param_specs
 
         abstract = jax.eval_shape(init, params)
