@@ -65,17 +65,17 @@ def _psum(x, axis):
 
 
 def _global_moments(x, mask, axis):
-    """(count, mean, unbiased variance) of x over every device's unmasked entries. Two passes:
+    """(mean, unbiased variance) of x over every device's unmasked entries. Two passes:
     E[x^2] - mean^2 loses the variance to cancellation when the mean is large."""
     n = _psum(masked_count(mask), axis)
     mean = _psum(masked_sum(x, mask), axis) / jnp.maximum(n, 1.0)
     var = _psum(masked_sum(jnp.square(x - mean), mask), axis) / jnp.maximum(n - 1.0, 1.0)
-    return n, mean, var
+    return mean, var
 
 
 def _global_whiten(x, mask, axis, eps=1e-8):
     """Whiten with mean and variance over every device's unmasked entries."""
-    _, mean, var = _global_moments(x, mask, axis)
+    mean, var = _global_moments(x, mask, axis)
     return jnp.where(mask, (x - mean) * jax.lax.rsqrt(var + eps), 0.0)
 
 
@@ -234,8 +234,8 @@ def _global_metrics(metrics: dict, mb: PPOBatch, sft, axis) -> dict:
         second = metrics["ppo/ratio_var"] + jnp.square(metrics["ppo/ratio_mean"])
         out["ppo/ratio_var"] = weighted(second, local) - jnp.square(out["ppo/ratio_mean"])
     if "ppo/explained_variance" in metrics:
-        _, _, var_returns = _global_moments(mb.returns, mask, axis)
-        _, _, var_error = _global_moments(mb.returns - mb.old_values, mask, axis)
+        _, var_returns = _global_moments(mb.returns, mask, axis)
+        _, var_error = _global_moments(mb.returns - mb.old_values, mask, axis)
         out["ppo/explained_variance"] = 1.0 - var_error / jnp.maximum(var_returns, 1e-8)
     return out
 
@@ -250,7 +250,7 @@ def ppo_step(state: TrainState, batch: PPOBatch, key: jax.Array, config: PPOConf
 
     Pure: jit it (config static), vmap it over seeds, or call it inside `jax.shard_map` with
     `config.data_axis` naming the mesh axis the batch is split over. Returns the new state and
-    scalar metrics averaged over all minibatches.
+    scalar metrics averaged over the minibatches whose update was applied.
     """
     rows, mbs = batch.tokens.shape[0], jnp.arange(config.minibatches)
     sft_den = None
