@@ -282,9 +282,9 @@ def preference_pairs(
         raise ValueError(f"pairs_per_user must be >= 1, got {pairs_per_user}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     rows = np.arange(len(ratings), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
-    if rows.ndim != 1 or not rows.size:
-        raise ValueError(f"preference_pairs: rows must be a non-empty 1-D array of rating "
-                         f"indices, got shape {rows.shape}")
+    if rows.ndim != 1:
+        raise ValueError(f"preference_pairs: rows must be a 1-D array of rating indices, got "
+                         f"shape {rows.shape}")
     rows = rows[np.lexsort((rows, ratings.rating[rows], ratings.user[rows]))]
     u, r = ratings.user[rows], ratings.rating[rows]  # [R], sorted by (user, rating)
     n_users = ratings.n_users
@@ -301,7 +301,7 @@ def preference_pairs(
     cum = np.cumsum(weight)  # [R] inclusive
     total = np.bincount(u, weights=weight, minlength=n_users).astype(np.int64)  # [U]
     users = np.repeat(np.flatnonzero(total > 0), pairs_per_user)  # [P]
-    before = np.where(seg_start > 0, cum[seg_start - 1], 0)  # [U] weight before each segment
+    before = np.concatenate([[0], cum])[seg_start]  # [U] weight before each segment
     # first rating: proportional to weight within the user's segment
     t1 = rng.integers(0, total[users])
     first = np.searchsorted(cum, before[users] + t1, side="right")  # [P]
