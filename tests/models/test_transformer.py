@@ -289,7 +289,13 @@ def test_norm_custom_gradient_matches_autodiff(centered):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_keep_last_equals_the_full_pass_on_its_positions(family, dtype):
     """forward(keep_last=N): the last block's queries, MLP and heads on the last N positions
-    only give exactly the full pass's last N outputs, and the same gradients."""
+    only give the full pass's last N outputs and its gradients.
+
+    Not bit-equal on every CPU: the last block multiplies 15 rows instead of 36, and XLA's
+    kernels may split rows and sum in another order for another row count (on an AVX2-only
+    EPYC 1,144 of 1,455 float32 llama logits moved, by at most 7.5e-8). So float32 is compared
+    at a few ulps of logits below 1, and bfloat16 at 1% of the largest value: one operand that
+    rounds the other way before a bfloat16 cast moves a product by 2^-8 relative."""
     from jaxrec.models import forward, gpt2_config, init_params, llama_config
 
     make = gpt2_config if family == "gpt2" else llama_config
@@ -302,11 +308,25 @@ def test_keep_last_equals_the_full_pass_on_its_positions(family, dtype):
     full = forward(cfg, params, tokens, valid).logits
     part = forward(cfg, params, tokens, valid, keep_last=5).logits
     assert part.shape == (3, 5, cfg.vocab_size)
-    np.testing.assert_array_equal(np.asarray(full[:, -5:]), np.asarray(part))
+    close = _close_at(dtype)
+    close(np.asarray(full[:, -5:]), np.asarray(part))
 
     def loss(p, keep):
         return jnp.sum(forward(cfg, p, tokens, valid, keep_last=keep).logits[:, -5:] ** 2)
 
     g_full, g_part = jax.grad(loss)(params, 0), jax.grad(loss)(params, 5)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_part), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+        if dtype == "float32":  # gradients sum over rows and positions: more terms, more ulps
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+        else:
+            close(np.asarray(a), np.asarray(b))
+
+
+def _close_at(dtype):
+    """The comparison two summation orders allow at this compute dtype (see the test above)."""
+    def close(want, got):
+        if dtype == "float32":
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+    return close

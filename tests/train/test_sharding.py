@@ -44,6 +44,19 @@ def _batch(seed, rows=16, length=10):
     )
 
 
+def _assert_same_params(want, got):
+    """Equal up to the summation order, except the key bias: its gradient is zero in exact
+    arithmetic, so what moves it is Adam acting on rounding noise d, at most lr * d / eps =
+    1e3 d per step (d < 1e-8: 1e-5 per step, 1.2e-4 over the test's 12 steps; 2.7e-6 was
+    seen). It is compared at that bound; every other param at 1e-5."""
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                            strict=True):
+        noise_only = jax.tree_util.keystr(path).endswith("['k']['bias']")
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=1.2e-4 if noise_only else 1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def _new_state():
     return create_train_state(CFG, PPO, init_params(CFG, jax.random.key(0)))
 
@@ -61,12 +74,8 @@ def test_sharded_step_equals_single_device_step(data, fsdp, tensor):
         batch, key = _batch(i), jax.random.key(10 + i)
         reference, ref_metrics = ref_step(reference, batch, key, ref_cfg)
         sharded, metrics = step(sharded, batch, key)
-        for a, b in zip(jax.tree.leaves(reference.policy), jax.tree.leaves(sharded.policy),
-                        strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(reference.value), jax.tree.leaves(sharded.value),
-                        strict=True):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+        _assert_same_params(reference.policy, sharded.policy)
+        _assert_same_params(reference.value, sharded.value)
         assert set(metrics) == set(ref_metrics)
         for name in ref_metrics:  # every metric is global: the same as one device's
             assert float(metrics[name]) == pytest.approx(float(ref_metrics[name]), abs=1e-5,
