@@ -18,6 +18,9 @@ Family = Literal["gpt2", "llama"]
 FAMILIES = ("gpt2", "llama")
 ROPE_STYLES = ("half", "interleaved")
 DTYPES = ("float32", "bfloat16")
+# `auto`: bfloat16 compute where the hardware multiplies bfloat16 natively, float32 elsewhere
+# (jaxrec.hardware decides when a run starts).
+COMPUTE_DTYPES = ("auto", *DTYPES)
 ACTIVATIONS = ("gelu_new", "silu")
 # Hugging Face architecture names we read and write, with the family each belongs to.
 ARCHITECTURES = {
@@ -307,16 +310,17 @@ class PolicyConfig:
     n_heads: int = 4  # fresh model: query heads
     n_kv_heads: int = 2  # fresh model: key/value heads
     d_ff: int = 128  # fresh model: MLP width
-    dtype: str = "float32"  # compute dtype ('bfloat16': bf16 matmuls, f32 accumulation)
-    cache_dtype: str = "float32"  # KV-cache dtype (bfloat16 on accelerators)
+    dtype: str = "auto"  # compute dtype: 'bfloat16' (bf16 matmuls, f32 accumulation), 'float32',
+    #                      or 'auto' (bfloat16 only on AMX/AVX512_BF16 CPUs, Ampere+ GPUs, TPUs)
+    cache_dtype: str = "auto"  # KV-cache dtype; 'auto': float32 on CPU, bfloat16 on accelerators
     remat: bool = False  # rematerialise blocks in the backward pass
     frozen_dtype: str = "float32"  # storage of frozen params (reference / LoRA base, reward
     #                                model): 'bfloat16' halves their memory
 
     def __post_init__(self):
         _check_choice("model", "family", self.family, FAMILIES)
-        _check_choice("model", "dtype", self.dtype, DTYPES)
-        _check_choice("model", "cache_dtype", self.cache_dtype, DTYPES)
+        _check_choice("model", "dtype", self.dtype, COMPUTE_DTYPES)
+        _check_choice("model", "cache_dtype", self.cache_dtype, COMPUTE_DTYPES)
         _check_choice("model", "frozen_dtype", self.frozen_dtype, DTYPES)
         _check_ranges("model", self, (("d_model n_layers n_heads n_kv_heads d_ff", ">= 1"),))
         if self.n_heads % self.n_kv_heads:

@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxrec"
 
 # Low to high; a part may import its own modules and parts of strictly lower rank.
 RANK = {
-    "config": 0,
+    "config": 0, "hardware": 0,
     "ppo": 1, "data": 1, "sim": 1, "models": 1,
     "generation": 2, "codec": 2,
     "rollout": 3, "eval": 3, "checkpoint": 3,

@@ -18,6 +18,7 @@ import numpy as np
 from jaxrec.codec import ItemCodec, build_codec
 from jaxrec.config import Config, ModelConfig
 from jaxrec.data import load_tokenizer, train_bpe_tokenizer
+from jaxrec.hardware import resolve_cache_dtype, resolve_dtype
 from jaxrec.models import gpt2_config, init_params, llama_config, load_pretrained
 from jaxrec.rollout import RolloutSpec
 from jaxrec.sim import Environment, make_env
@@ -80,19 +81,21 @@ def build_tokenizer(config: Config, titles: list[str]):
 
 
 def build_policy(config: Config, tokenizer, max_len: int):
-    """(ModelConfig, params): the checkpoint, or a fresh model sized to the tokenizer."""
+    """(ModelConfig, params): the checkpoint, or a fresh model sized to the tokenizer. A dtype
+    of 'auto' becomes the one this machine computes fastest (jaxrec.hardware)."""
     m = config.model
+    numerics = dict(dtype=resolve_dtype(m.dtype), cache_dtype=resolve_cache_dtype(m.cache_dtype),
+                    remat=m.remat)
     if m.init is not None:
         cfg, params = load_pretrained(m.init)
         if cfg.max_len < max_len:
             raise ValueError(f"model.init={m.init} holds {cfg.max_len} positions; rollouts need "
                              f"{max_len} (turns x (prompt + completion))")
-        cfg = cfg.replace(dtype=m.dtype, cache_dtype=m.cache_dtype, remat=m.remat)
-        return cfg, jax.tree.map(np.asarray, params)
+        return cfg.replace(**numerics), jax.tree.map(np.asarray, params)
     make = gpt2_config if m.family == "gpt2" else llama_config
     shape = dict(vocab_size=tokenizer.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-                 n_heads=m.n_heads, d_ff=m.d_ff, max_len=max_len, dtype=m.dtype,
-                 cache_dtype=m.cache_dtype, remat=m.remat, bos_id=max(tokenizer.bos_id, -1),
+                 n_heads=m.n_heads, d_ff=m.d_ff, max_len=max_len, **numerics,
+                 bos_id=max(tokenizer.bos_id, -1),
                  eos_id=tokenizer.eos_id, pad_id=max(tokenizer.pad_id, 0))
     if m.family == "llama":
         shape["n_kv_heads"] = m.n_kv_heads

@@ -17,7 +17,10 @@ import signal
 import threading
 from typing import Any
 
+import jax
+
 from jaxrec.config import Config, dump_config
+from jaxrec.hardware import bf16_matrix_units, cpu_info, resolve_cache_dtype, resolve_dtype
 from jaxrec.train.distributed import is_primary, primary_log
 
 
@@ -119,6 +122,16 @@ def run_stage(config: Config, workdir, stage: str, log=print, profile: bool = Fa
     raise ValueError(f"unknown stage {stage!r}; choose from sft, reward, ppo")
 
 
+def numerics_line(config: Config) -> str:
+    """One line saying what compute and cache dtypes this machine runs the config's in."""
+    m, cpu = config.model, cpu_info()
+    dtype, cache = resolve_dtype(m.dtype), resolve_cache_dtype(m.cache_dtype)
+    why = "bf16 matrix units" if bf16_matrix_units() else "no bf16 matrix units"
+    return (f"compute dtype {dtype} (model.dtype={m.dtype}), KV cache {cache} "
+            f"(model.cache_dtype={m.cache_dtype}); CPU {cpu.model} ({cpu.matrix_isa}), "
+            f"{jax.devices()[0].device_kind}: {why}")
+
+
 def run_stages(config: Config, workdir, stages=None, log=print,
                profile: bool = False) -> dict[str, Any]:
     """Run `stages` (default: config.stages) in order. Writes DIR/summary.json: the last PPO
@@ -126,6 +139,7 @@ def run_stages(config: Config, workdir, stages=None, log=print,
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log = primary_log(log)
+    log(numerics_line(config))
     summaries: dict[str, Any] = {}
     for stage in stages or config.stages:
         summaries[stage] = run_stage(config, workdir, stage, log, profile)
