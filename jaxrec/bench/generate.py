@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxrec.bench.timing import median_seconds
 from jaxrec.generation import Temperature, generate_jit
+from jaxrec.hardware import describe
 from jaxrec.models import gpt2_config, init_params, save_pretrained
 
 SMALL = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_len=256)
@@ -114,8 +115,7 @@ def run(
                 "batch": batch,
                 "prompt_len": prompt_len,
                 "new_tokens": new_tokens,
-                "backend": jax.default_backend(),
-                "device": str(jax.devices()[0].device_kind),
+                **describe(),
                 "cpu_count": os.cpu_count(),
             }
             row.update(_ours(cfg, params, prompt, valid, new_tokens, repeats, seed))

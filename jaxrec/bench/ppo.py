@@ -20,6 +20,7 @@ from jaxrec.bench.timing import median_seconds
 from jaxrec.codec import build_codec
 from jaxrec.config import PPOConfig, gpt2_config
 from jaxrec.data import train_bpe_tokenizer
+from jaxrec.hardware import describe
 from jaxrec.models import init_params
 from jaxrec.rollout import RolloutSpec, rollout
 from jaxrec.sim import make_env
@@ -86,7 +87,7 @@ def run(dtypes=("float32", "bfloat16"), users=64, prompt_len=64, response_len=32
             "epochs": epochs,
             "minibatches": minibatches,
             **_time_one(dtype, env, params, codec, spec, users_state, config, repeats, seed),
-            "backend": jax.default_backend(),
+            **describe(),
         }
         rows.append(row)
         print_fn(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v

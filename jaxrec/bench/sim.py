@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrec.hardware import describe
 from jaxrec.sim.core import make_env
 from jaxrec.sim.evaluate import make_policy
 
@@ -74,7 +75,7 @@ def run(preset: str = "recsim-ie", users: int = 10_000, steps: int = 50, repeats
         "user_steps_per_sec": users * steps / seconds,
         "seconds": seconds,
         "compile_s": compile_s,
-        "backend": jax.default_backend(),
+        **describe(),
         "key_impl": key_impl,
         "batch_rng": getattr(env, "batch_rng", None),
         "reward_per_step": float(total) / (users * steps),
