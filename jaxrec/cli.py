@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="behaviour log-probs from the decoder, or a teacher-forced pass")
     bppo.add_argument("--seed", type=int, default=0)
     bppo.set_defaults(func=cmd_bench_ppo)
-    bupd = bench_sub.add_parser("update", help="ppo_step FLOP/s vs the fastest matmul (float32 or bf16)")
+    bupd = bench_sub.add_parser("update",
+                                help="ppo_step FLOP/s vs the fastest matmul (float32 or bf16)")
     bupd.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
                       choices=["float32", "bfloat16"])
     bupd.add_argument("--rows", type=int, default=64)

@@ -55,7 +55,8 @@ def _peer(folder, dtype, prompt, new_tokens, repeats, seed) -> dict | None:
     transformers.utils.logging.disable_progress_bar()
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the peer runs where we run
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch_dtype, local_files_only=True)
     model = model.to(device).eval()
     ids = torch.tensor(np.asarray(prompt), dtype=torch.long, device=device)
     attention = torch.ones_like(ids)

@@ -561,7 +561,7 @@ def load_hf(folder, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     arch = _architecture(folder)
     where = str(folder / "config.json")
     try:
-        hf = AutoConfig.from_pretrained(folder)
+        hf = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as err:  # transformers' validation: TypeError, ValueError, ZeroDivision...
         raise ValueError(f"{where}: {_first_line(err)}") from None
     model_type = next(t for t, a in _MODEL_TYPES.items() if a == arch)
