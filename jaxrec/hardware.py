@@ -94,12 +94,18 @@ def _accelerator_has_bf16(device) -> bool:
     return accelerator_has_bf16(device.platform, getattr(device, "compute_capability", None))
 
 
-def bf16_matrix_units(device=None) -> bool:
-    """True where `device` (default: jax's first device) multiplies bfloat16 natively."""
+def _or_first_device(device):
+    """`device`, or jax's first device when it is None."""
     if device is None:
         import jax
 
         device = jax.devices()[0]
+    return device
+
+
+def bf16_matrix_units(device=None) -> bool:
+    """True where `device` (default: jax's first device) multiplies bfloat16 natively."""
+    device = _or_first_device(device)
     if device.platform == "cpu":
         return cpu_info().bf16_matrix_units
     return _accelerator_has_bf16(device)
@@ -118,10 +124,7 @@ def resolve_cache_dtype(name: str, device=None) -> str:
     a bfloat16 cache runs several times slower) and bfloat16 on accelerators with bf16 units."""
     if name != AUTO:
         return name
-    if device is None:
-        import jax
-
-        device = jax.devices()[0]
+    device = _or_first_device(device)
     if device.platform == "cpu":
         return "float32"
     return "bfloat16" if _accelerator_has_bf16(device) else "float32"
@@ -130,9 +133,7 @@ def resolve_cache_dtype(name: str, device=None) -> str:
 def describe(device=None) -> dict:
     """Where a figure was measured, for every benchmark line: the backend and device kind, and
     the host CPU's model and matrix ISA (the host also runs an accelerator's launches)."""
-    import jax
-
-    device = device or jax.devices()[0]
+    device = _or_first_device(device)
     cpu = cpu_info()
     return {
         "backend": device.platform,
