@@ -355,15 +355,25 @@ def add_item_tokens(
     return cfg.replace(vocab_size=v + codec.num_items), params, v
 
 
-def item_token_codec(codec: ItemCodec, item_token_offset: int) -> ItemCodec:
+def item_token_codec(codec: ItemCodec, item_token_offset: int, *,
+                     sequence_template: bool = False) -> ItemCodec:
     """The codec in item-token mode: item i is the single token `item_token_offset + i`
-    (block length 1, then its terminator); the prompt template is unchanged."""
+    (block length 1, then its terminator).
+
+    The prompt template is unchanged, or with `sequence_template` the history is written the
+    way a slate is: every item followed by the slate separator, ending the prompt
+    (`[BOS] prefix i_1 ; i_2 ; ... ; i_n ;`). A history and its continuation are then one
+    sequence, so next-item prediction at every position of it (`jaxrec.train.sft`) trains the
+    same distributions that decoding a slate after the prompt samples from.
+    """
     n = codec.num_items
+    sep = [codec.slate_sep_id] if sequence_template else np.asarray(codec.sep_tokens)
+    suffix = [codec.slate_sep_id] if sequence_template else np.asarray(codec.suffix_tokens)
     return codec_from_blocks(
         [[item_token_offset + i] for i in range(n)],
         head_tokens=np.asarray(codec.head_tokens),
-        sep_tokens=np.asarray(codec.sep_tokens),
-        suffix_tokens=np.asarray(codec.suffix_tokens),
+        sep_tokens=np.asarray(sep, np.int32),
+        suffix_tokens=np.asarray(suffix, np.int32),
         slate_sep_id=codec.slate_sep_id,
         eos_id=codec.eos_id,
         pad_id=codec.pad_id,

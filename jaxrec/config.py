@@ -170,6 +170,7 @@ def _check_ranges(section: str, obj, rules) -> None:
 
 
 OLD_LOGP_SOURCES = ("rescore", "sampler")
+ITEM_REPRESENTATIONS = ("text", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,9 +259,12 @@ class DataConfig:
     dir: str | None = None  # folder of raw files, e.g. one holding ml-100k/ (None: TFDS)
     tfds_dir: str | None = None  # tensorflow-datasets data_dir (prepared or to download into)
     lenient: bool = False  # skip malformed rows (and count them) instead of failing
+    min_user_ratings: int = 0  # k-core filter: keep users with at least this many ratings and
+    min_item_ratings: int = 0  # items with at least this many, repeated until stable (0: off)
 
     def __post_init__(self):
         _check_choice("data", "source", self.source, DATA_SOURCES)
+        _check_ranges("data", self, (("min_user_ratings min_item_ratings", ">= 0"),))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,11 +277,18 @@ class SimConfig:
     history_len: int = 8  # items of history each simulated user carries
     reward: str = "content"  # reward preset: 'content' | 'products' | 'ads'
     world_seed: int = 0  # seed of the synthetic catalogue (fixed across runs)
+    future_items: int = 0  # movielens: sessions start at a random cut of a real training
+    #                        history and the user's next this-many logged items attract clicks
+    future_utility: float = 3.0  # movielens: the click utility those logged items gain
 
     def __post_init__(self):
         _check_choice("sim", "preset", self.preset, ("synthetic", "movielens", "recsim-ie"))
         _check_choice("sim", "reward", self.reward, ("content", "products", "ads"))
-        _check_ranges("sim", self, (("n_items n_topics history_len", ">= 1"),))
+        _check_ranges("sim", self, (("n_items n_topics history_len", ">= 1"),
+                                    ("future_items future_utility", ">= 0")))
+        if self.future_items and self.preset != "movielens":
+            raise ValueError(f"sim.future_items={self.future_items} needs sim.preset=movielens "
+                             "(logged histories); the other worlds have none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,9 +327,12 @@ class PolicyConfig:
     remat: bool = False  # rematerialise blocks in the backward pass
     frozen_dtype: str = "float32"  # storage of frozen params (reference / LoRA base, reward
     #                                model): 'bfloat16' halves their memory
+    items: str = "text"  # how items are written: 'text' (titles in the tokenizer's tokens) or
+    #                      'tokens' (one new vocabulary token per item, started from its title)
 
     def __post_init__(self):
         _check_choice("model", "family", self.family, FAMILIES)
+        _check_choice("model", "items", self.items, ITEM_REPRESENTATIONS)
         _check_choice("model", "dtype", self.dtype, COMPUTE_DTYPES)
         _check_choice("model", "cache_dtype", self.cache_dtype, COMPUTE_DTYPES)
         _check_choice("model", "frozen_dtype", self.frozen_dtype, DTYPES)
@@ -372,10 +386,14 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # global-norm gradient clipping
     eval_every: int = 50  # held-out loss and next-item accuracy every N steps (and at the end)
     eval_users: int = 256  # held-out users (never trained on)
-    examples_per_user: int = 4  # training examples cut from each user's history
+    examples_per_user: int = 4  # training examples cut from each user's history (item
+    #                             tokens: windows of rollout.history_items + 1 items)
+    item_dropout: float = 0.0  # item tokens: chance that a history item is hidden from
+    #                            attention in a training sequence (a regulariser)
 
     def __post_init__(self):
         _check_choice("sft", "l2_mode", self.l2_mode, ("loss", "decoupled"))
+        _check_ranges("sft", self, (("item_dropout", "[0, 1)"),))
         _check_ranges("sft", self, (
             ("steps batch_size eval_every eval_users examples_per_user", ">= 1"),
             ("warmup_steps l2", ">= 0"),
@@ -513,6 +531,9 @@ class Config:
             raise ValueError(f"stages is empty; list one or more of {STAGES}")
         for stage in self.stages:
             _check_choice("", "stages", stage, STAGES)
+        if self.sft.item_dropout and self.model.items != "tokens":
+            raise ValueError(f"sft.item_dropout={self.sft.item_dropout} needs model.items=tokens "
+                             "(it hides item tokens of training sequences)")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages={list(self.stages)} names a stage twice; each runs once, "
                              f"in the order given")

@@ -3,7 +3,10 @@
 Shapes: U users, B users per call, P prompt tokens, C items scored per user, L the codec's
 block length (tokens of the longest item), V vocabulary, K slate size.
 
-An item's score for a user is log p(item's token block, then the terminator | prompt): the
+In item-token mode (`codec.item_token_offset >= 0`, one token per item) an item's score is
+log p(its token | prompt) under the softmax over the catalogue's tokens (`next_item_logits`):
+one forward pass per user, the whole catalogue from one row of the head. Otherwise
+an item's score for a user is log p(item's token block, then the terminator | prompt): the
 summed log-probability of the tokens that name it as the first recommendation of a slate. The
 terminator (the slate separator, or EOS for one-item slates) makes the scores a distribution
 over whole items, so an item whose title is a prefix of another's is not favoured.
@@ -27,6 +30,7 @@ from jaxrec.generation import Greedy, Temperature, generate
 from jaxrec.models import (
     KVCache,
     ModelConfig,
+    forward,
     forward_cached,
     init_cache,
     positions_from_valid,
@@ -85,6 +89,49 @@ def item_log_probs(
     return first + rest.reshape(b, c)
 
 
+def item_logits(cfg: ModelConfig, params, hidden: jax.Array, codec: ItemCodec) -> jax.Array:
+    """Item-token mode: hidden [..., D] -> [..., N] float32 logits of the catalogue's tokens
+    only (the head's rows of items offset .. offset + N - 1; the rest of the vocabulary is
+    never projected)."""
+    lo, n = codec.item_token_offset, codec.num_items
+    if lo < 0:
+        raise ValueError("item_logits needs an item-token codec (model.items: tokens)")
+    if cfg.tie_embeddings:
+        rows = {"embed": jax.lax.dynamic_slice_in_dim(params["embed"], lo, n, axis=0)}
+    else:
+        kernel = params["lm_head"]["kernel"]  # [D, V]
+        rows = {"lm_head": {**params["lm_head"],
+                            "kernel": jax.lax.dynamic_slice_in_dim(kernel, lo, n, axis=1)}}
+    shape = hidden.shape
+    out = project_logits(cfg, rows, hidden.reshape(-1, 1, shape[-1]))  # [M, 1, N]
+    return out.reshape(*shape[:-1], n)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def next_item_logits(cfg: ModelConfig, params, codec: ItemCodec, prompt: jax.Array,
+                     prompt_valid: jax.Array) -> jax.Array:
+    """Item-token mode: prompts [B, P] -> [B, N] float32 log p(item | prompt), a softmax over
+    the catalogue's tokens at the prompt's last position (what the first slot of a slate is
+    sampled from before the history is banned)."""
+    hidden = forward(cfg, params, prompt, prompt_valid, head="none", keep_last=1).hidden
+    return jax.nn.log_softmax(item_logits(cfg, params, hidden[:, 0], codec), axis=-1)
+
+
+def _score_item_tokens(cfg, params, codec, histories, prompt_len, items, users_per_call):
+    """score_items in item-token mode: one forward pass per user."""
+    u = histories.shape[0]
+    n_cols = codec.num_items if items is None else items.shape[1]
+    out = np.empty((u, n_cols), np.float32)
+    for lo, hi in _chunks(u, users_per_call):
+        rows = np.arange(lo, lo + users_per_call).clip(max=u - 1)  # pad with the last user
+        prompt, valid = render_prompts(codec, jnp.asarray(histories[rows]), prompt_len)
+        scores = np.asarray(next_item_logits(cfg, params, codec, prompt, valid))  # [B, N]
+        if items is not None:
+            scores = np.take_along_axis(scores, np.asarray(items)[rows], axis=1)
+        out[lo:hi] = scores[: hi - lo]
+    return out
+
+
 def _chunks(n: int, size: int):
     return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
@@ -124,6 +171,9 @@ def score_items(
     ml-100k the longest takes 27 tokens, the mean 6), so padding costs little.
     """
     histories = np.asarray(histories, np.int32)
+    if codec.item_token_offset >= 0:
+        return _score_item_tokens(cfg, params, codec, histories, prompt_len, items,
+                                  max(users_per_call, 64))
     u = histories.shape[0]
     lens = np.asarray(codec.item_len)
     full = items is None

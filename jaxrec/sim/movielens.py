@@ -32,6 +32,12 @@ User model (one user; all randomness from the key):
   liked = rating >= like_threshold; watch time = length * rating / 5 with length 1 (runtimes are
   unknown: the share of the film watched grows with the rating).
 - interest drift: a click moves p toward the item: p <- p + drift * (q_i - p).
+- logged futures (`future_items` m > 0): a session starts at a uniform cut c of the real
+  user's training history (1 <= c < its length), the history is the H items before c, and the
+  m items the user really rated next (training rows only) add `future_utility` to their slot's
+  utility: the user clicks what they went on to watch, so a policy earns reward by naming the
+  user's next items, a signal of the sequence the rating model does not see. m = 0 starts at
+  the end of the training history with no such term.
 - patience: each slate costs max(0, patience_threshold - best r_hat on the slate) (invalid slots
   count as r_hat = 1) and a like gives back patience_recovery, capped at the start value; the
   session ends at patience <= 0 or after max_steps slates.
@@ -202,6 +208,9 @@ class MovieLensParams:
     weights: rewards.RewardWeights
     model: RatingModel
     histories: jax.Array  # [U, H] int32 each real user's last H training items, -1 padded front
+    sequences: jax.Array  # [U, H + T + m] int32 each user's T-item training history after H -1s,
+    #                       -1 after it (the logged futures' source; [U, 0] when m = 0)
+    lengths: jax.Array  # [U] int32 training items per user
     start_users: jax.Array  # [M] int32 users a session may start from (non-empty history)
     position_bias: jax.Array  # [K] float32 added to each slot's utility
     click_scale: jax.Array  # [] float32 click logit per rating point
@@ -214,6 +223,7 @@ class MovieLensParams:
     patience_threshold: jax.Array  # [] float32 best predicted rating a slate needs to cost nothing
     patience_recovery: jax.Array  # [] float32 patience regained per like
     max_steps: jax.Array  # [] int32 slates per session at most
+    future_utility: jax.Array  # [] float32 utility added to an item among the logged futures
 
 
 @struct.dataclass
@@ -225,6 +235,7 @@ class MovieLensState:
     history: jax.Array  # [H] int32 oldest first, -1 padding at the front
     patience: jax.Array  # [] float32
     step: jax.Array  # [] int32 slates shown this session
+    future: jax.Array  # [max(m, 1)] int32 the items the real user rated next (-1: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +244,8 @@ class MovieLensEnv(Environment):
     history_len: int = 20  # H
     reward: str = "content"  # reward preset: content, products or ads
     n_items: int = 0  # N, the catalogue size (slates index the whole catalogue)
+    future_items: int = 0  # m: logged next items that attract clicks (0: sessions start at the
+    #                        end of the training history, no such term)
     # Host-side item titles (for the codec); excluded from equality so they never recompile.
     titles: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
@@ -258,14 +271,23 @@ class MovieLensEnv(Environment):
         return jnp.clip(raw, 1.0, 5.0)
 
     def reset(self, key: jax.Array, params: MovieLensParams):
-        idx = jax.random.randint(key, (), 0, params.start_users.shape[0])  # a uniform real user
+        k_user, k_cut = jax.random.split(key)
+        idx = jax.random.randint(k_user, (), 0, params.start_users.shape[0])  # a uniform user
         user = params.start_users[idx]
+        history, future = params.histories[user], jnp.full((1,), -1, jnp.int32)
+        if self.future_items:
+            h, m = self.history_len, self.future_items
+            cut = jax.random.randint(k_cut, (), 1, params.lengths[user])  # 1 <= c < length
+            row = params.sequences[user]
+            history = jax.lax.dynamic_slice_in_dim(row, cut, h)  # items [c - H, c)
+            future = jax.lax.dynamic_slice_in_dim(row, cut + h, m)  # items [c, c + m)
         state = MovieLensState(
             user=user,
             factor=params.model.user_factors[user],
-            history=params.histories[user],
+            history=history,
             patience=jnp.asarray(params.patience, jnp.float32),
             step=jnp.zeros((), jnp.int32),
+            future=future,
         )
         return self.observation(state, params), state
 
@@ -276,6 +298,8 @@ class MovieLensEnv(Environment):
         slate, valid, safe, seen = rewards.slate_view(action, cat.size, state.history)  # [K] each
         pred = self.predicted_ratings(state, params, safe)  # [K]
         utility = params.click_scale * (pred - params.click_center) + params.seen_utility * seen
+        ahead = jnp.any((slate[:, None] == state.future[None, :]) & (state.future >= 0), axis=1)
+        utility = utility + params.future_utility * ahead  # [K]
         utility = jnp.where(valid, utility, NEG)
         position, clicked, slot = choose_from_slate(
             unit_uniform(bits[0]), utility, 0.0, params.position_bias)
@@ -305,7 +329,7 @@ class MovieLensEnv(Environment):
         )
         next_state = MovieLensState(
             user=state.user, factor=factor, history=history.astype(jnp.int32),
-            patience=patience, step=state.step + 1,
+            patience=patience, step=state.step + 1, future=state.future,
         )
         done = (patience <= 0.0) | (next_state.step >= params.max_steps)
         info = {"response": response, "terms": terms, "predicted": pred}
@@ -331,6 +355,23 @@ def history_table(histories: Any, n_users: int, history_len: int) -> np.ndarray:
     return table
 
 
+def _sequences(histories: Any, n_users: int, history_len: int,
+               future_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """([U, H + T + m] int32, [U] int32): every user's whole history after H columns of -1 and
+    before m more (so any window of H before, or m after, a cut is one slice), and its length;
+    [U, 0] when m = 0 (sessions then start from `history_table`)."""
+    rows = [np.asarray(r, np.int64).ravel() for r in histories]
+    rows = [r[r >= 0] for r in rows]
+    lengths = np.asarray([len(r) for r in rows], np.int32)
+    if not future_items:
+        return np.zeros((n_users, 0), np.int32), lengths
+    width = history_len + int(lengths.max(initial=0)) + future_items
+    out = np.full((n_users, width), -1, np.int32)
+    for u, r in enumerate(rows):
+        out[u, history_len:history_len + len(r)] = r
+    return out, lengths
+
+
 def histories_from_interactions(users: Any, items: Any, timestamps: Any | None,
                                 n_users: int) -> list[np.ndarray]:
     """Per-user item ids in time order (ties keep input order); input order without timestamps."""
@@ -344,7 +385,7 @@ def histories_from_interactions(users: Any, items: Any, timestamps: Any | None,
     return [items[bounds[u]:bounds[u + 1]] for u in range(n_users)]
 
 
-_ENV = dict(slate_size=3, history_len=20, reward="content", auto_reset=True)
+_ENV = dict(slate_size=3, history_len=20, reward="content", auto_reset=True, future_items=0)
 _USER = dict(
     position_bias=0.2,  # slope: slot k loses 0.2 * k utility
     click_scale=1.5,  # a lone 4.5-star prediction is clicked 82%, a 2-star one 10%
@@ -357,6 +398,7 @@ _USER = dict(
     patience_threshold=4.0,  # a slate whose best film is predicted under 4 stars tries patience
     patience_recovery=0.5,
     max_steps=20,
+    future_utility=3.0,  # a logged next item is clicked like one predicted 2 stars higher
 )
 _FIT = dict(dim=32, bias_l2=1.0, factor_l2=10.0, steps=150, learning_rate=0.05)
 _WORLD = dict(seed=0)
@@ -411,8 +453,12 @@ def make_movielens(
 
     if histories is None:
         histories = histories_from_interactions(users_np, items_np, timestamps, n_users)
+    histories = list(histories)  # read twice below
     table = history_table(histories, n_users, env_kw["history_len"])
-    start = np.flatnonzero((table >= 0).any(axis=1)).astype(np.int32)
+    sequences, lengths = _sequences(histories, n_users, env_kw["history_len"],
+                                    env_kw["future_items"])
+    # a session needs a history; with logged futures also one item after its cut
+    start = np.flatnonzero(lengths >= (2 if env_kw["future_items"] else 1)).astype(np.int32)
     if len(start) == 0:
         raise ValueError("movielens: no user has a training history")
 
@@ -456,6 +502,8 @@ def make_movielens(
         weights=rewards.as_weights(reward, reward_weights),
         model=model,
         histories=jnp.asarray(table),
+        sequences=jnp.asarray(sequences),
+        lengths=jnp.asarray(lengths),
         start_users=jnp.asarray(start),
         position_bias=position_bias_array(user["position_bias"], env_kw["slate_size"]),
         **scalars,

@@ -31,7 +31,7 @@ from jaxrec.eval import (
     mean_interval,
     ranking_metrics,
 )
-from jaxrec.train.setup import Setup, build_setup
+from jaxrec.train.setup import Setup, build_setup, load_ratings
 
 # Published figures on ML-100k, leave-one-out, full ranking, as reported in the LlamaRec paper
 # (Yue et al. 2023); its Recall@10 is HR@10 here (one held-out item per user).
@@ -42,6 +42,20 @@ LITERATURE = [
     {"name": "SASRec (literature)", "dataset": "movielens-100k", "protocol": "full",
      "hr@10": 0.0993, "ndcg@10": 0.0522, "source": _SOURCE},
 ]
+SPLIT_TEXT = ("leave-one-out by time: each user's last rating is the test item, the one before "
+              "it validation; equal timestamps are ordered by item id")
+RANKING_TEXT = ("full: every catalogue item except the user's history; candidates: the test "
+                "item and 19 items the user never rated, the same lists for every model")
+
+
+def filter_text(config: Config) -> str:
+    d = config.data
+    if not (d.min_user_ratings or d.min_item_ratings):
+        return "none (every rating)"
+    return (f"{d.min_user_ratings}-core users, {d.min_item_ratings}-core items (repeated until "
+            "stable)")
+
+
 TABLE_METRICS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
 POLICY_NAMES = {"sft": "SFT policy", "ppo": "RLHF policy", "ppo_best": "RLHF policy (best)"}
 
@@ -96,19 +110,17 @@ def _baseline_settings(name: str, config: Config) -> dict:
 
 
 def _ranking(config: Config, setup: Setup, policies: dict, baselines, log) -> tuple[list, dict]:
-    from jaxrec.data import load_movielens
     from jaxrec.eval.baselines import fit_baseline
     from jaxrec.eval.offline import score_items
 
-    data = config.data
-    ratings = load_movielens(data.source, data_dir=data.dir, tfds_dir=data.tfds_dir,
-                             lenient=data.lenient)
+    ratings = load_ratings(config)
     protocol = leave_one_out_protocol(ratings, candidates=config.eval.candidates,
                                       seed=config.seed)
     if config.eval.users is not None:
         protocol = protocol.take(np.arange(min(config.eval.users, len(protocol))))
-    info = {"dataset": data.source, "users": len(protocol), "items": protocol.n_items,
-            "candidates": config.eval.candidates, "split": "leave-one-out (chronological)"}
+    info = {"dataset": config.data.source, "users": len(protocol), "items": protocol.n_items,
+            "ratings": len(ratings), "filter": filter_text(config),
+            "candidates": config.eval.candidates, "split": SPLIT_TEXT, "ranking": RANKING_TEXT}
     rows = []
     for stage, params in policies.items():
         start = time.perf_counter()

@@ -46,10 +46,12 @@ from jaxrec.ppo import (
 from jaxrec.rollout import Rollout, RolloutSpec, Session, rollout, rollout_session
 from jaxrec.sim import Environment
 from jaxrec.train.reward_model import RewardModel, reward_scores
+from jaxrec.train.sft import draw_ptx
 from jaxrec.train.state import TrainState
 from jaxrec.train.step import PPOBatch, _values, ppo_step
 
 REWARD_SOURCES = ("simulator", "model", "mix")
+PTX_SALT = 7  # fold_in tag of the PPO-ptx draw (the rollout and update keys are split apart)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +174,10 @@ def build_iteration(
     A single turn's actions are the completion, the last R tokens of each row, so the
     vocabulary log-probs are computed there only (`action_window` = R unless set).
 
+    PPO-ptx: with `config.ptx_coef > 0` and `state.frozen["ptx"]` holding `PtxRows` (the SFT
+    training examples, `with_ptx_rows`), every iteration draws as many of them as it has
+    rollout rows and adds ptx_coef times their NLL to the policy loss.
+
     `reward_source` 'model' or 'mix' scores each sequence with a reward model (see
     `_sequence_rewards`; `reward_mix` is the model's weight in 'mix'): pass it as
     `reward_model`, and put it in `state.frozen["reward"]` (`with_reward_model`) so its params
@@ -217,6 +223,11 @@ def build_iteration(
                                             sim_state, key_rollout, spec)
         batch, metrics = _ppo_batch(state, ro, spec, score, config, reward_model,
                                     reward_source, reward_mix)
+        if "ptx" in state.frozen and config.ptx_coef > 0:  # PPO-ptx: fresh SFT rows each time
+            rows = draw_ptx(state.frozen["ptx"], jax.random.fold_in(key, PTX_SALT),
+                            ro.tokens.shape[0])
+            batch = batch.replace(sft_tokens=rows.tokens, sft_mask=rows.mask,
+                                  sft_valid=rows.valid)
         state, ppo_metrics = ppo_step(state, batch, key_update, config)
         rows = ro.reward.shape[0]
         if config.kl_adaptive:

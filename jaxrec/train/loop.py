@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -54,6 +55,11 @@ class PPORun:
         self.params = setup.params if params is None else params
         # the reward model travels in the state (frozen["reward"]), not baked into the program
         self.reward_model = reward_model if config.reward.ppo_source != "simulator" else None
+        self.ptx = None  # PPO-ptx draws from the SFT stage's training examples
+        if config.ppo.ptx_coef > 0:
+            from jaxrec.train.sft import build_sft_data, ptx_rows
+
+            self.ptx = ptx_rows(build_sft_data(config, setup).train, self.codec)
         self.placement = Placement(config, self.model, r.users, "rollout.users")
         self.mesh = self.placement.mesh
         if self.mesh is not None:
@@ -131,6 +137,9 @@ class PPORun:
             from jaxrec.train.reward_model import with_reward_model
 
             state = with_reward_model(state, reward_model, frozen_dtype)
+        if self.ptx is not None:
+            state = state.replace(frozen={**state.frozen, "ptx": jax.tree.map(jnp.copy,
+                                                                               self.ptx)})
         _, users = self.env.reset_batch(jax.random.fold_in(key, 1 << 20),
                                         self.config.rollout.users, self.env_params)
         return state, users, key

@@ -100,12 +100,15 @@ def opt_specs(tx, opt_state, specs):
 
 
 def _frozen_specs(model_cfg, tree):
-    """Specs of a frozen entry: reference params, or the reward model (its own params; its
-    normalisation scalars whole)."""
+    """Specs of a frozen entry: reference params, the reward model (its own params; its
+    normalisation scalars whole), or PPO-ptx's rows."""
     from jaxrec.train.reward_model import RewardModel
+    from jaxrec.train.sft import PtxRows
 
     if isinstance(tree, RewardModel):
         return tree.replace(params=param_specs(tree.model, tree.params), mean=P(), std=P())
+    if isinstance(tree, PtxRows):  # PPO-ptx's pool of SFT rows, whole on every device
+        return jax.tree.map(lambda _: P(), tree)
     return param_specs(model_cfg, tree)
 
 

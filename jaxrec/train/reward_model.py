@@ -81,6 +81,7 @@ from jaxrec.rollout import RolloutSpec, rollout
 from jaxrec.sim import Environment
 from jaxrec.train.distributed import is_primary, primary_log
 from jaxrec.train.placement import Placement
+from jaxrec.train.setup import load_ratings
 from jaxrec.train.stages import metrics_before, metrics_writer, stop_requests, write_config
 
 PAIRS_PER_USER = 16  # preference_pairs per MovieLens user
@@ -264,11 +265,9 @@ def _ratings_tables(config: Config, env_params: Any, ban: bool):
 
     Users are split at random (seed): held-out pairs come from users never trained on.
     """
-    from jaxrec.data import leave_one_out, load_movielens, preference_pairs
+    from jaxrec.data import leave_one_out, preference_pairs
 
-    data = config.data
-    ratings = load_movielens(data.source, data_dir=data.dir, tfds_dir=data.tfds_dir,
-                             lenient=data.lenient)
+    ratings = load_ratings(config)
     train_rows = leave_one_out(ratings).train
     pairs = preference_pairs(ratings, train_rows, pairs_per_user=PAIRS_PER_USER,
                              seed=config.seed)

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrec.codec import ItemCodec, build_codec
+from jaxrec.codec import ItemCodec, add_item_tokens, build_codec, item_token_codec
 from jaxrec.config import Config, ModelConfig
 from jaxrec.data import load_tokenizer, train_bpe_tokenizer
 from jaxrec.hardware import resolve_cache_dtype, resolve_dtype
@@ -45,13 +45,23 @@ def build_world(config: Config):
     return env, params, list(env.titles), None
 
 
-def _movielens_world(config: Config):
-    """Users calibrated to the chronological training split of a MovieLens release."""
-    from jaxrec.data import leave_one_out, load_movielens
+def load_ratings(config: Config):
+    """The configured MovieLens release as a `Ratings` table, k-core filtered when
+    `data.min_user_ratings` / `data.min_item_ratings` ask for it. Every stage and `jaxrec eval`
+    read their ratings here, so they index the same users and items."""
+    from jaxrec.data import k_core, load_movielens
 
     data = config.data
     ratings = load_movielens(data.source, data_dir=data.dir, tfds_dir=data.tfds_dir,
                              lenient=data.lenient)
+    return k_core(ratings, data.min_user_ratings, data.min_item_ratings)
+
+
+def _movielens_world(config: Config):
+    """Users calibrated to the chronological training split of a MovieLens release."""
+    from jaxrec.data import leave_one_out
+
+    ratings = load_ratings(config)
     train = leave_one_out(ratings).train
     items = ratings.items
     env, params = make_env(
@@ -60,7 +70,8 @@ def _movielens_world(config: Config):
         n_users=len(ratings.user_ids), n_items=len(items.ids), genres=items.genres,
         titles=[str(t) for t in items.clean_title], slate_size=config.rollout.slate_size,
         history_len=config.sim.history_len, reward=config.sim.reward,
-        seed=config.sim.world_seed,
+        seed=config.sim.world_seed, future_items=config.sim.future_items,
+        future_utility=config.sim.future_utility,
     )
     years = [int(y) if y > 0 else None for y in items.year]
     return env, params, [str(t) for t in items.clean_title], years
@@ -144,6 +155,11 @@ def build_setup(config: Config) -> Setup:
                 "bos": bool(tokenizer.bos_id >= 0), "eos_id": codec.eos_id,
                 "history_items": config.rollout.history_items,
                 "slate_size": config.rollout.slate_size}
+    tokens = config.model.items == "tokens"
+    text_codec = codec
+    if tokens:  # the lengths below do not depend on the offset, fixed once the model is built
+        codec = item_token_codec(text_codec, tokenizer.vocab_size, sequence_template=True)
+    template["items"] = config.model.items
     r = config.rollout
     spec = RolloutSpec(
         slate_size=r.slate_size, prompt_len=codec.prompt_len(r.history_items),
@@ -151,6 +167,10 @@ def build_setup(config: Config) -> Setup:
         constrained=r.constrained, ban_history=r.ban_history, turns=r.turns,
     )
     model, params = build_policy(config, tokenizer, spec.session_len)
+    if tokens:
+        model, params, offset = add_item_tokens(model, params, text_codec)
+        codec = item_token_codec(text_codec, offset, sequence_template=True)
+        template["item_token_offset"] = offset
     return Setup(config=config, env=env, env_params=env_params, titles=titles, years=years,
                  tokenizer=tokenizer, codec=codec, spec=spec, model=model, params=params,
                  template=template)

@@ -54,11 +54,13 @@ from jaxrec.codec import (
     slate_constraint,
 )
 from jaxrec.config import Config, ModelConfig, SFTConfig
+from jaxrec.eval.offline import item_logits, next_item_logits
 from jaxrec.generation import Greedy, generate, sequence_scores
+from jaxrec.models import forward
 from jaxrec.train.distributed import is_primary, primary_log
 from jaxrec.train.placement import Placement
 from jaxrec.train.report import TensorBoard
-from jaxrec.train.setup import Setup, build_setup
+from jaxrec.train.setup import Setup, build_setup, load_ratings
 from jaxrec.train.stages import metrics_before, metrics_writer, stop_requests, write_config
 
 STAGE = "sft"
@@ -96,9 +98,51 @@ class SFTExamples:
 
 
 @struct.dataclass
+class SequenceExamples:
+    """Item-token mode: windows of a history rendered as one sequence (`item_token_codec`'s
+    sequence template, `[BOS] prefix i_1 ; i_2 ; ... ; i_m ;`); every separator that is
+    followed by an item is a next-item target, so a window of m items trains m - 1 of them."""
+
+    tokens: jax.Array  # [E, S] int32, left padded
+    valid: jax.Array  # [E, S] bool
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+
+@struct.dataclass
+class NextItemExamples:
+    """Item-token mode, held out: a prompt and the one item that came next."""
+
+    prompt: jax.Array  # [E, P] int32, left padded, exactly as a rollout renders it
+    prompt_valid: jax.Array  # [E, P] bool
+    history: jax.Array  # [E, H] int32, the items in the prompt (-1 padded at the front)
+    next_item: jax.Array  # [E] int32
+
+    @property
+    def size(self) -> int:
+        return self.next_item.shape[0]
+
+
+@struct.dataclass
+class PtxRows:
+    """The supervised rows PPO-ptx draws from (`ppo.ptx_coef > 0`): the SFT stage's training
+    examples as whole sequences, in PPO's `sft_tokens` / `sft_mask` / `sft_valid` layout."""
+
+    tokens: jax.Array  # [E, T] int32
+    valid: jax.Array  # [E, T] bool, False on padding
+    mask: jax.Array  # [E, T] bool, the tokens whose NLL counts (the predicted items)
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+
+@struct.dataclass
 class SFTData:
-    train: SFTExamples  # training users' examples
-    eval: SFTExamples  # held-out users' examples
+    train: SFTExamples | SequenceExamples  # training examples (text | item-token mode)
+    eval: SFTExamples | NextItemExamples  # held-out examples
 
 
 def histories_from_rows(rows: np.ndarray) -> Histories:
@@ -130,18 +174,23 @@ def _observed(env, env_params, key: jax.Array, n_users: int) -> jax.Array:
     return jax.vmap(env.observation, in_axes=(0, None))(users, env_params)
 
 
-def movielens_histories(config: Config) -> Histories:
+def movielens_histories(config: Config, with_validation: bool = False):
     """The real chronological histories of the training split the env was calibrated on.
 
     Item indices are the ratings table's dense ones, which are the env's catalogue indices
-    (`jaxrec.train.setup.build_world` builds the world from the same table).
+    (`jaxrec.train.setup.build_world` builds the world from the same table). With
+    `with_validation`: (histories, [U] int32 each user's validation item, -1 where none).
     """
-    from jaxrec.data import histories, leave_one_out, load_movielens
+    from jaxrec.data import histories, leave_one_out
 
-    data = config.data
-    ratings = load_movielens(data.source, data_dir=data.dir, tfds_dir=data.tfds_dir,
-                             lenient=data.lenient)
-    return histories_from_lists(histories(ratings, leave_one_out(ratings).train))
+    ratings = load_ratings(config)
+    split = leave_one_out(ratings)
+    hist = histories_from_lists(histories(ratings, split.train))
+    if not with_validation:
+        return hist
+    val = np.full(ratings.n_users, -1, np.int32)
+    val[ratings.user[split.val]] = ratings.item[split.val]
+    return hist, val
 
 
 def users_with_examples(hist: Histories, slate_size: int) -> np.ndarray:
@@ -200,6 +249,74 @@ def render_examples(codec: ItemCodec, windows: jax.Array, slates: jax.Array, pro
                        next_item=slates[:, 0])
 
 
+def sequence_windows(hist: Histories, users: np.ndarray, per_user: int,
+                     window: int) -> np.ndarray:
+    """[E, window + 1] int32 windows of the users' histories, newest first, -1 left padded.
+
+    Window k of a user with n items holds items [n - 1 - (k + 1) W, n - k W) (clipped at 0):
+    consecutive windows share one item, so each of the n - 1 transitions is a target exactly
+    once, up to `per_user` windows (the most recent transitions) per user.
+    """
+    out = []
+    for u in users:
+        h = hist.items[hist.start[u]:hist.start[u] + hist.length[u]]
+        n = len(h)
+        for k in range(min(per_user, -(-(n - 1) // window))):
+            piece = h[max(0, n - 1 - (k + 1) * window):n - k * window]
+            row = np.full(window + 1, -1, np.int32)
+            row[window + 1 - len(piece):] = piece
+            out.append(row)
+    return np.stack(out) if out else np.zeros((0, window + 1), np.int32)
+
+
+def _last_items(hist: Histories, users: np.ndarray, window: int) -> np.ndarray:
+    """[U, window] each user's most recent `window` items, -1 left padded."""
+    out = np.full((len(users), window), -1, np.int32)
+    for row, u in enumerate(users):
+        h = hist.items[hist.start[u]:hist.start[u] + hist.length[u]][-window:]
+        out[row, window - len(h):] = h
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("prompt_len",))
+def render_next_item(codec: ItemCodec, history: jax.Array, next_item: jax.Array,
+                     prompt_len: int) -> NextItemExamples:
+    prompt, valid = render_prompts(codec, history, prompt_len)
+    return NextItemExamples(prompt=prompt, prompt_valid=valid, history=history,
+                            next_item=next_item)
+
+
+def build_sequence_data(config: Config, setup: Setup) -> SFTData:
+    """Item-token mode (model.items: tokens): next-item prediction at every position.
+
+    Training: `sequence_windows` of rollout.history_items + 1 items (up to
+    sft.examples_per_user per user) of every training history. Held out, MovieLens: every
+    user's validation item (the leave-one-out split's second to last rating) after their
+    training history, so model selection reads the validation item and never the test item;
+    synthetic world: the last item of sft.eval_users held-out simulated users.
+    """
+    sft, w = config.sft, config.rollout.history_items
+    rng = np.random.default_rng([config.seed, STREAM])
+    if config.sim.preset == "movielens":
+        hist, val = movielens_histories(config, with_validation=True)
+        train_users = np.flatnonzero(hist.length >= 2)
+        held = np.flatnonzero(val >= 0)
+        history, target = _last_items(hist, held, w), val[held]
+    else:
+        key = jax.random.fold_in(stage_key(config), 0)
+        hist = synthetic_histories(setup, SYNTHETIC_USERS + sft.eval_users, key)
+        train_users, held = split_users(hist, 1, sft.eval_users, rng)
+        before = dataclasses.replace(hist, length=hist.length - 1)  # all but the last item
+        history = _last_items(before, held, w)
+        target = hist.items[hist.start[held] + hist.length[held] - 1]
+    windows = sequence_windows(hist, train_users, sft.examples_per_user, w)
+    tokens, valid = render_prompts(setup.codec, jnp.asarray(windows),
+                                   setup.codec.prompt_len(w + 1))
+    held_out = render_next_item(setup.codec, jnp.asarray(history),
+                                jnp.asarray(target, jnp.int32), setup.spec.prompt_len)
+    return SFTData(train=SequenceExamples(tokens=tokens, valid=valid), eval=held_out)
+
+
 def build_sft_data(config: Config, setup: Setup) -> SFTData:
     """Training and held-out examples for this config's world (see the module docstring).
 
@@ -208,6 +325,8 @@ def build_sft_data(config: Config, setup: Setup) -> SFTData:
     example are held out. Nothing here depends on sft.steps, so a run continued with more
     steps trains on the same examples.
     """
+    if setup.codec.item_token_offset >= 0:
+        return build_sequence_data(config, setup)
     sft, k = config.sft, config.rollout.slate_size
     if config.sim.preset == "movielens":
         hist = movielens_histories(config)
@@ -226,6 +345,29 @@ def build_sft_data(config: Config, setup: Setup) -> SFTData:
         out.append(render_examples(setup.codec, jnp.asarray(windows), jnp.asarray(slates),
                                    setup.spec.prompt_len, setup.spec.max_new_tokens))
     return SFTData(train=out[0], eval=out[1])
+
+
+def ptx_rows(examples: SFTExamples | SequenceExamples, codec: ItemCodec) -> PtxRows:
+    """The training examples as PPO-ptx rows: text mode, prompt then completion with the
+    completion's tokens counted; item-token mode, the sequence with every item that follows a
+    separator counted (the targets of `sequence_nll`)."""
+    if isinstance(examples, SequenceExamples):
+        tokens, valid = examples.tokens, examples.valid
+        item = (tokens >= codec.item_token_offset) & (
+            tokens < codec.item_token_offset + codec.num_items)
+        after_sep = jnp.pad(tokens[:, :-1] == codec.slate_sep_id, ((0, 0), (1, 0)))
+        return PtxRows(tokens=tokens, valid=valid, mask=item & after_sep & valid)
+    tokens = jnp.concatenate([examples.prompt, examples.completion], axis=1)
+    valid = jnp.concatenate([examples.prompt_valid, examples.completion_mask], axis=1)
+    mask = jnp.concatenate([jnp.zeros_like(examples.prompt_valid), examples.completion_mask],
+                           axis=1)
+    return PtxRows(tokens=tokens, valid=valid, mask=mask)
+
+
+def draw_ptx(rows: PtxRows, key: jax.Array, n: int) -> PtxRows:
+    """n rows drawn uniformly with replacement by `key` (each PPO iteration its own key)."""
+    idx = jax.random.randint(key, (n,), 0, rows.size)
+    return jax.tree.map(lambda x: x[idx], rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,43 +431,86 @@ def completion_nll(cfg: ModelConfig, params: Any,
     return nll, mask.sum(axis=1).astype(jnp.float32)
 
 
+def sequence_nll(cfg: ModelConfig, codec: ItemCodec, params: Any, batch: SequenceExamples,
+                 key: jax.Array | None = None,
+                 item_dropout: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(summed -log p(next item | items before it) over every target [], targets []): the
+    softmax runs over the catalogue's tokens only (`item_logits`).
+
+    `item_dropout` p > 0 (with `key`): each item token is hidden from attention with
+    probability p, as if the user had not watched it (later positions close the gap), while
+    every target is still predicted: a regulariser for small data, where the model otherwise
+    memorises each user's exact sequence.
+
+    The sequence template is right aligned with two tokens per item, so the separator after
+    the k-th most recent item sits at S - 1 - 2(k - 1) in every row: the queries are the
+    separators at S - 3, S - 5, ..., their targets the item tokens one to the right.
+    """
+    s = batch.tokens.shape[1]
+    w = (s - codec.head_tokens.shape[0]) // 2 - 1  # W: targets per row (window W + 1)
+    query = s - 1 - 2 * jnp.arange(1, w + 1)  # [W]
+    seen = batch.valid
+    if item_dropout > 0:
+        lo = codec.item_token_offset
+        item = (batch.tokens >= lo) & (batch.tokens < lo + codec.num_items)
+        seen = seen & ~(item & jax.random.bernoulli(key, item_dropout, batch.tokens.shape))
+    hidden = forward(cfg, params, batch.tokens, seen, head="none").hidden[:, query]
+    target = batch.tokens[:, query + 1] - codec.item_token_offset  # [B, W]
+    has = batch.valid[:, query] & (batch.tokens[:, query] == codec.slate_sep_id)
+    has &= (target >= 0) & (target < codec.num_items)
+    logits = item_logits(cfg, params, hidden, codec)  # [B, W, N]
+    picked = jnp.take_along_axis(logits, jnp.clip(target, 0)[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked  # [B, W]
+    return jnp.sum(jnp.where(has, nll, 0.0)), jnp.sum(has).astype(jnp.float32)
+
+
 def param_sq(params: Any) -> jax.Array:
     """sum(theta^2) over every leaf (params or gradients), float32 []."""
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params))
 
 
-def sft_loss(params: Any, cfg: ModelConfig, batch: SFTExamples,
-             l2_in_loss: float) -> tuple[jax.Array, dict]:
+def sft_loss(params: Any, cfg: ModelConfig, batch: SFTExamples | SequenceExamples,
+             l2_in_loss: float, codec: ItemCodec | None = None, key: jax.Array | None = None,
+             item_dropout: float = 0.0) -> tuple[jax.Array, dict]:
     """L(theta) = sum_{b,t} m_bt (-log pi(y_bt | x_b, y_b,<t)) / sum_{b,t} m_bt
                   + l2_in_loss * sum(theta^2)
 
     with m the completion mask (prompt tokens carry no loss); l2_in_loss is sft.l2 in
-    l2_mode 'loss' and 0 in 'decoupled'. Returns (L, {"nll", "param_sq"}).
+    l2_mode 'loss' and 0 in 'decoupled'. Returns (L, {"nll", "param_sq"}). Item-token
+    `SequenceExamples` (which need the `codec`) average `sequence_nll` over their targets,
+    with sft.item_dropout (`item_dropout`, drawn from `key`).
     """
-    nll, count = completion_nll(cfg, params, batch)  # [B], [B]
-    mean_nll = nll.sum() / jnp.maximum(count.sum(), 1.0)
+    if isinstance(batch, SequenceExamples):
+        total, count = sequence_nll(cfg, codec, params, batch, key, item_dropout)
+    else:
+        nll, count = completion_nll(cfg, params, batch)  # [B], [B]
+        total, count = nll.sum(), count.sum()
+    mean_nll = total / jnp.maximum(count, 1.0)
     sq = param_sq(params)
     return mean_nll + l2_in_loss * sq, {"nll": mean_nll, "param_sq": sq}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tx", "batch_size", "l2_in_loss", "rows"),
+@functools.partial(jax.jit, static_argnames=("cfg", "tx", "batch_size", "l2_in_loss", "rows",
+                                             "item_dropout"),
                    donate_argnames="state")
-def sft_step(state: SFTState, examples: SFTExamples, key: jax.Array, *, cfg: ModelConfig,
-             tx: optax.GradientTransformation, batch_size: int, l2_in_loss: float,
-             rows: jax.sharding.Sharding | None = None) -> tuple[SFTState, dict[str, jax.Array]]:
+def sft_step(state: SFTState, examples: SFTExamples | SequenceExamples, key: jax.Array, *,
+             cfg: ModelConfig, tx: optax.GradientTransformation, batch_size: int,
+             l2_in_loss: float, rows: jax.sharding.Sharding | None = None,
+             codec: ItemCodec | None = None,
+             item_dropout: float = 0.0) -> tuple[SFTState, dict[str, jax.Array]]:
     """One optimizer step on `batch_size` examples drawn (with replacement) by `key`.
 
     `l2_in_loss`: sft.l2 in l2_mode 'loss', else 0 (see `sft_loss`). `rows`: on a mesh, the
     drawn batch's rows are split this way (data parallel); the examples themselves sit whole
     on every device. The state is donated.
     """
-    key_batch, _ = jax.random.split(key)  # the second key is spare (the model has no dropout)
+    key_batch, key_drop = jax.random.split(key)
     idx = jax.random.randint(key_batch, (batch_size,), 0, examples.size)  # [B]
     batch = jax.tree.map(lambda x: x[idx], examples)
     if rows is not None:
         batch = jax.lax.with_sharding_constraint(batch, rows)
     (objective, aux), grads = jax.value_and_grad(sft_loss, has_aux=True)(
-        state.params, cfg, batch, l2_in_loss)
+        state.params, cfg, batch, l2_in_loss, codec, key_drop, item_dropout)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -379,6 +564,40 @@ def evaluate(params: Any, examples: SFTExamples, codec: ItemCodec, *, cfg: Model
     totals = jax.lax.map(one, (jax.tree.map(chunked, examples), weight)).sum(axis=0)  # [3]
     return {"sft/eval_loss": totals[0] / jnp.maximum(totals[1], 1.0),
             "sft/next_item_acc": totals[2] / e}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
+def evaluate_next_item(params: Any, examples: NextItemExamples, codec: ItemCodec, *,
+                       cfg: ModelConfig, chunk: int) -> dict[str, jax.Array]:
+    """Item-token mode, held out: {"sft/eval_loss": mean -log p(next item | prompt) over the
+    catalogue, "sft/next_item_acc": the top item (history excluded) is the next one,
+    "sft/eval_hr@10", "sft/eval_ndcg@10": the next item's rank among the items outside the
+    history (ties count against it)}, over chunks of `chunk` rows."""
+    e = examples.size
+    n_chunks = -(-e // chunk)
+    pad = n_chunks * chunk - e
+
+    def chunked(x):  # [E, ...] -> [n_chunks, chunk, ...]
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+        return x.reshape(n_chunks, chunk, *x.shape[1:])
+
+    weight = (jnp.arange(n_chunks * chunk) < e).astype(jnp.float32).reshape(n_chunks, chunk)
+
+    def one(xs):
+        batch, w = xs
+        logp = next_item_logits(cfg, params, codec, batch.prompt, batch.prompt_valid)  # [C, N]
+        own = jnp.take_along_axis(logp, batch.next_item[:, None], axis=1)[:, 0]  # [C]
+        seen = history_mask(codec, batch.history)  # [C, N]
+        other = jnp.arange(logp.shape[1])[None, :] != batch.next_item[:, None]  # [C, N]
+        rank = jnp.sum((logp >= own[:, None]) & ~seen & other, axis=1)  # [C] 0 = top
+        hit = (rank < 10).astype(jnp.float32)
+        ndcg = hit / jnp.log2(rank.astype(jnp.float32) + 2.0)
+        return jnp.stack([(w * -own).sum(), (w * (rank == 0)).sum(), (w * hit).sum(),
+                          (w * ndcg).sum()])
+
+    totals = jax.lax.map(one, (jax.tree.map(chunked, examples), weight)).sum(axis=0) / e
+    return {"sft/eval_loss": totals[0], "sft/next_item_acc": totals[1],
+            "sft/eval_hr@10": totals[2], "sft/eval_ndcg@10": totals[3]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,8 +664,10 @@ def _resume(ckpt: Checkpointer, latest: int | None, state: SFTState, key: jax.Ar
 
 def _eval_text(line: dict, steps: int) -> str:
     loss = f"  loss {line['sft/loss']:.3f}" if "sft/loss" in line else ""
+    ranking = "".join(f"  {name} {line[f'sft/eval_{name}']:.4f}" for name in ("hr@10", "ndcg@10")
+                      if f"sft/eval_{name}" in line)
     return (f"sft {line['step']}/{steps}{loss}  eval_loss {line['sft/eval_loss']:.3f}  "
-            f"next_item_acc {line['sft/next_item_acc']:.3f}")
+            f"next_item_acc {line['sft/next_item_acc']:.3f}{ranking}")
 
 
 def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str, Any]:
@@ -480,11 +701,16 @@ def run_sft(config: Config, workdir: str | pathlib.Path, log=print) -> dict[str,
     write_config(config, workdir, log)  # the checkpoint fits this config
     step_fn = functools.partial(sft_step, cfg=setup.model, tx=tx, batch_size=sft.batch_size,
                                 l2_in_loss=sft.l2 if sft.l2_mode == "loss" else 0.0,
-                                rows=placed.rows)
-    eval_fn = functools.partial(evaluate, examples=data.eval, codec=setup.codec,
-                                cfg=setup.model, slate_size=setup.spec.slate_size,
-                                ban_history=setup.spec.ban_history,
-                                chunk=min(sft.batch_size, data.eval.size))
+                                rows=placed.rows, codec=setup.codec,
+                                item_dropout=sft.item_dropout)
+    if isinstance(data.eval, NextItemExamples):
+        eval_fn = functools.partial(evaluate_next_item, examples=data.eval, codec=setup.codec,
+                                    cfg=setup.model, chunk=min(64, data.eval.size))
+    else:
+        eval_fn = functools.partial(evaluate, examples=data.eval, codec=setup.codec,
+                                    cfg=setup.model, slate_size=setup.spec.slate_size,
+                                    ban_history=setup.spec.ban_history,
+                                    chunk=min(sft.batch_size, data.eval.size))
     lr, steps_key = learning_rate(sft.lr, sft.warmup_steps), jax.random.fold_in(key, 1)
     metrics_path = workdir / "metrics.jsonl"
     lines = metrics_before(metrics_path, STAGE, start)
@@ -571,8 +797,13 @@ __all__ = [
     "SFTData",
     "SFTExamples",
     "SFTState",
+    "NextItemExamples",
+    "PtxRows",
+    "SequenceExamples",
     "build_sft_data",
     "cut_examples",
+    "draw_ptx",
+    "ptx_rows",
     "evaluate",
     "first_items",
     "init_sft_state",

@@ -58,6 +58,7 @@ class PPOBatch:
     #                                   on the action window (needs config.action_window = W)
     sft_tokens: jax.Array | None = None  # [Bs, Ts] int32 supervised rows for PPO-ptx
     sft_mask: jax.Array | None = None  # [Bs, Ts] bool, tokens whose NLL counts (not the prompt)
+    sft_valid: jax.Array | None = None  # [Bs, Ts] bool, False on padding (None: no padding)
 
 
 def _psum(x, axis):
@@ -127,8 +128,7 @@ def _policy_objective(policy, state: TrainState, mb: PPOBatch, sft, adv, den, sf
         loss = loss + config.vf_coef * vf
         metrics.update(m_vf)
     if sft is not None and config.ptx_coef > 0:
-        sft_tokens, sft_mask = sft
-        sft_valid = jnp.ones(sft_tokens.shape, jnp.bool_)
+        sft_tokens, sft_mask, sft_valid = sft
         sft_scores = sequence_scores(cfg, policy, sft_tokens, sft_valid)
         nll, m_ptx = ptx_loss(sft_scores.logps, sft_mask, sft_den)
         loss = loss + config.ptx_coef * nll
@@ -150,10 +150,12 @@ def _apply(tx, grads, opt_state, params):
 
 
 def _sft_rows(batch: PPOBatch, m, config: PPOConfig):
-    """Minibatch m's slice of the PPO-ptx rows: (tokens [Bs/M, Ts], mask [Bs/M, Ts])."""
+    """Minibatch m's slice of the PPO-ptx rows: (tokens, mask, valid), each [Bs/M, Ts]."""
     n = batch.sft_tokens.shape[0] // config.minibatches
+    valid = (jnp.ones(batch.sft_tokens.shape, jnp.bool_) if batch.sft_valid is None
+             else batch.sft_valid)
     return tuple(jax.lax.dynamic_slice_in_dim(x, m * n, n, axis=0)
-                 for x in (batch.sft_tokens, batch.sft_mask))
+                 for x in (batch.sft_tokens, batch.sft_mask, valid))
 
 
 def _denominators(counts, config: PPOConfig):

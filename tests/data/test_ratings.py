@@ -9,6 +9,7 @@ import pytest
 from jaxrec.data import (
     Items,
     histories,
+    k_core,
     leave_one_out,
     make_ratings,
     preference_pairs,
@@ -159,3 +160,35 @@ def test_preference_pairs_argument_checks(table):
         preference_pairs(table, pairs_per_user=0)
     gen = np.random.default_rng(5)
     assert len(preference_pairs(table, pairs_per_user=1, seed=gen)) == 3
+
+
+def test_k_core_drops_until_stable():
+    # user 1 rates items 10, 20; user 2 rates 10, 20, 30; user 3 rates 10, 30. At 2/2 nothing
+    # goes; at users >= 3: users 1 and 3 go, then items 10, 20 and 30 have 1 rating each
+    # (< 2 at items >= 2), which leaves user 2 with none: the 3/2 core is empty.
+    rows = [(1, 10), (1, 20), (2, 10), (2, 20), (2, 30), (3, 10), (3, 30)]
+    u, i = map(np.array, zip(*rows, strict=True))
+    t = make_ratings(u, i, np.ones(len(u)), np.arange(len(u)), _items([10, 20, 30]))
+    assert k_core(t, 2, 2) is t
+    assert len(k_core(t, 3, 2)) == 0
+    # users >= 3 and items >= 1: only user 2 remains, re-indexed densely with its 3 items
+    kept = k_core(t, 3, 1)
+    assert kept.n_users == 1 and kept.user_ids.tolist() == [2]
+    assert kept.items.ids.tolist() == [10, 20, 30] and kept.item.tolist() == [0, 1, 2]
+    # items >= 3: only item 10 (3 ratings) stays; then every user has 1 rating, none has 2
+    assert len(k_core(t, 2, 3)) == 0
+    with pytest.raises(ValueError, match="min_user=-1"):
+        k_core(t, -1, 0)
+
+
+def test_k_core_of_ml_latest_small_is_llamarecs_split(shared_dir):
+    """LlamaRec's "ML-100k": ml-latest-small at 5/5, repeated until stable."""
+    from jaxrec.data import load_movielens
+
+    raw = load_movielens("movielens-latest-small", data_dir=shared_dir / "data/movielens")
+    core = k_core(raw, 5, 5)
+    assert (core.n_users, core.n_items, len(core)) == (610, 3650, 90274)
+    assert np.bincount(core.user).min() >= 5 and np.bincount(core.item).min() >= 5
+    # the titles follow their items
+    pos = np.searchsorted(raw.items.ids, core.items.ids)
+    assert np.array_equal(raw.items.title[pos], core.items.title)

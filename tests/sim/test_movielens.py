@@ -237,3 +237,43 @@ def test_the_data_is_required():
     with pytest.raises(ValueError, match="unknown settings"):
         make_env("movielens", users=[0], items=[0], ratings=[4.0], n_users=1, n_items=1,
                  factor=3)
+
+
+def test_logged_futures_start_at_a_cut_and_attract_clicks(ml):
+    """future_items m: a session starts at a cut c of the real training history, shows the H
+    items before it, and the m items rated next are clicked far more than other items."""
+    d, m = ml.data, 2
+    env, params = make_env(
+        "movielens", users=d.user[d.train], items=d.item[d.train], ratings=d.rating[d.train],
+        timestamps=d.timestamp[d.train], n_users=d.n_users, n_items=d.n_items,
+        histories=d.histories, model=ml.model, history_len=H, future_items=m,
+    )
+    b = 128
+    _, states = jax.jit(env.reset_batch, static_argnums=1)(jax.random.key(1), b, params)
+    cuts = set()
+    for row in range(b):
+        real = np.asarray(d.histories[int(states.user[row])])
+        future = np.asarray(states.future[row])
+        hist = np.asarray(states.history[row])
+        shown = hist[hist >= 0]
+        # the history is a window of the real sequence ending at the cut, the future follows
+        for cut in range(1, len(real)):
+            if np.array_equal(real[max(0, cut - H):cut], shown) and np.array_equal(
+                    real[cut:cut + m], future[future >= 0]):
+                cuts.add(cut == len(real) - 1)
+                break
+        else:
+            raise AssertionError(f"row {row}: history and future are not a cut of the user")
+    assert cuts == {True, False}  # cuts fall inside histories, not only at their ends
+
+    step = jax.jit(env.step_batch)
+    other = (states.future[:, :1] + 1 + jnp.arange(3)[None, :]) % d.n_items  # [B, 3]
+    with_future = other.at[:, 2].set(states.future[:, 0])
+    clicked = {}
+    for name, slates in (("future", with_future), ("other", other)):
+        _, _, _, _, info = step(jax.random.key(2), states, slates.astype(jnp.int32), params)
+        r = info["response"]
+        clicked[name] = float(jnp.mean(r.clicked & (r.position == 2)))
+    assert clicked["future"] > clicked["other"] + 0.3, clicked
+    # without logged futures the world is the end-of-history one
+    assert np.asarray(ml.params.sequences).shape == (d.n_users, 0)
