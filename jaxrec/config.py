@@ -202,6 +202,11 @@ class PPOConfig:
     old_logp: str = "rescore"  # behaviour log-probs: 'rescore' (a teacher-forced pass of the
     #                            policy) | 'sampler' (the decoder's own: one forward pass fewer
     #                            per iteration, equal up to the cached decode's rounding)
+    invalid_penalty: float = -1.0  # score added when a slot of the slate names no valid item
+    missing_eos_penalty: float = -1.0  # score added when the completion did not end with EOS
+    normalize_scores: bool = False  # batch-normalise slate scores to mean 0, std 1
+    score_clip: float | None = None  # clip slate scores to [-clip, clip] (after normalising)
+    whiten_rewards: bool = False  # whiten the shaped per-token rewards (their mean kept)
     whiten_advantages: bool = True  # normalise advantages per minibatch (masked)
     shared_value: bool = False  # value head on the policy trunk instead of a separate network
     gamma: float = 1.0  # GAE discount per action token
@@ -226,7 +231,7 @@ class PPOConfig:
             ("warmup_steps", ">= 0"),
             ("clip_low", "(0, 1)"),
             ("clip_high policy_lr value_lr temperature value_clip max_grad_norm kl_target "
-             "kl_horizon", "> 0"),
+             "kl_horizon score_clip", "> 0"),
             ("dual_clip", "> 1"),
             ("vf_coef ent_coef ptx_coef weight_decay adam_eps kl_coef", ">= 0"),
             ("adam_b1 adam_b2", "[0, 1)"),
@@ -280,6 +285,8 @@ class SimConfig:
     future_items: int = 0  # movielens: sessions start at a random cut of a real training
     #                        history and the user's next this-many logged items attract clicks
     future_utility: float = 3.0  # movielens: the click utility those logged items gain
+    diversity: float | None = None  # reward weight of the slate's topic diversity (None: preset's)
+    novelty: float | None = None  # reward weight of the clicked item's novelty (None: preset's)
 
     def __post_init__(self):
         _check_choice("sim", "preset", self.preset, ("synthetic", "movielens", "recsim-ie"))

@@ -186,3 +186,27 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
     path.write_text("ppo:\n  <<: {epochs: 2, iterations: 3}\n  iterations: 5\n")
     cfg = load_config(path)
     assert cfg.ppo.epochs == 2 and cfg.ppo.iterations == 5
+
+
+def test_every_config_key_is_read_by_some_code():
+    """No setting is accepted and then ignored: every key of every section is read outside
+    config.py (as an attribute, or by name), or through a property of its section that is."""
+    import dataclasses
+    import pathlib
+    import re
+
+    from jaxrec.config import Config
+
+    package = pathlib.Path(__file__).resolve().parents[1] / "jaxrec"
+    code = "\n".join(p.read_text() for p in package.rglob("*.py") if p.name != "config.py")
+    read = lambda name: re.search(rf"\.{name}\b|[\"']{name}[\"']", code) is not None
+    through = {("lora", "alpha"): "scale"}  # LoRAConfig.scale = alpha / rank
+    unread = []
+    for section in dataclasses.fields(Config):
+        value = getattr(Config(), section.name)
+        names = ([f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value)
+                 else [section.name])
+        for name in names:
+            if not read(through.get((section.name, name), name)):
+                unread.append(f"{section.name}.{name}")
+    assert unread == []

@@ -33,27 +33,43 @@ from jaxrec.eval import (
 )
 from jaxrec.train.setup import Setup, build_setup, load_ratings
 
-# Published figures on ML-100k, leave-one-out, full ranking, as reported in the LlamaRec paper
-# (Yue et al. 2023); its Recall@10 is HR@10 here (one held-out item per user).
-_SOURCE = "Yue et al. 2023 (LlamaRec), reported R@10 / NDCG@10"
+# Published figures, full ranking, leave-one-out; each applies only to our rows of the same
+# dataset and filter. LlamaRec's "ML-100k" is the ml-latest-small download, 5-core filtered
+# (its dataset code reads ml-latest-small.zip); its Recall@10 is HR@10 here (one held-out item).
+_LLAMAREC = "Yue et al. 2023 (LlamaRec), reported R@10 / NDCG@10 on its 'ML-100k'"
+_LATEST_SMALL_5_CORE = {"dataset": "movielens-latest-small", "min_user_ratings": 5,
+                        "min_item_ratings": 5, "protocol": "full", "source": _LLAMAREC}
 LITERATURE = [
-    {"name": "LlamaRec (literature)", "dataset": "movielens-100k", "protocol": "full",
-     "hr@10": 0.1524, "ndcg@10": 0.0759, "source": _SOURCE},
-    {"name": "SASRec (literature)", "dataset": "movielens-100k", "protocol": "full",
-     "hr@10": 0.0993, "ndcg@10": 0.0522, "source": _SOURCE},
+    {"name": "LlamaRec (literature)", "hr@10": 0.1524, "ndcg@10": 0.0759, **_LATEST_SMALL_5_CORE},
+    {"name": "LRURec (literature)", "hr@10": 0.1426, "ndcg@10": 0.0705, **_LATEST_SMALL_5_CORE},
+    {"name": "SASRec (literature)", "hr@10": 0.0993, "ndcg@10": 0.0522, **_LATEST_SMALL_5_CORE},
+    {"name": "BERT4Rec (literature)", "hr@10": 0.0785, "ndcg@10": 0.0366, **_LATEST_SMALL_5_CORE},
 ]
+
+
+def literature_for(config: Config) -> list[dict]:
+    """The published rows measured on this config's dataset and filter (none otherwise)."""
+    d = config.data
+    return [row for row in LITERATURE if row["dataset"] == d.source
+            and row["min_user_ratings"] == d.min_user_ratings
+            and row["min_item_ratings"] == d.min_item_ratings]
+
+
 SPLIT_TEXT = ("leave-one-out by time: each user's last rating is the test item, the one before "
-              "it validation; equal timestamps are ordered by item id")
-RANKING_TEXT = ("full: every catalogue item except the user's history; candidates: the test "
-                "item and 19 items the user never rated, the same lists for every model")
+              "it validation, the rest train; equal timestamps are ordered by item id")
+
+
+def ranking_text(candidates: int) -> str:
+    return (f"full: every catalogue item except the user's history; candidates: the test item "
+            f"and {candidates - 1} items the user never rated, the same lists for every model")
 
 
 def filter_text(config: Config) -> str:
     d = config.data
     if not (d.min_user_ratings or d.min_item_ratings):
         return "none (every rating)"
-    return (f"{d.min_user_ratings}-core users, {d.min_item_ratings}-core items (repeated until "
-            "stable)")
+    return (f"users with >= {d.min_user_ratings} and items with >= {d.min_item_ratings} ratings, "
+            "repeated until stable")
 
 
 TABLE_METRICS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
@@ -120,13 +136,15 @@ def _ranking(config: Config, setup: Setup, policies: dict, baselines, log) -> tu
         protocol = protocol.take(np.arange(min(config.eval.users, len(protocol))))
     info = {"dataset": config.data.source, "users": len(protocol), "items": protocol.n_items,
             "ratings": len(ratings), "filter": filter_text(config),
-            "candidates": config.eval.candidates, "split": SPLIT_TEXT, "ranking": RANKING_TEXT}
-    rows = []
+            "candidates": config.eval.candidates, "split": SPLIT_TEXT,
+            "ranking": ranking_text(config.eval.candidates)}
+    rows, per_user = [], {}
     for stage, params in policies.items():
         start = time.perf_counter()
         scores = score_items(setup.model, params, setup.codec, protocol.histories,
                              setup.spec.prompt_len, setup.spec.slate_size)
         rows += _both_protocols(POLICY_NAMES[stage], scores, protocol)
+        per_user[stage] = _ndcg10_per_user(scores, protocol)
         log(f"eval: {stage} policy ranked {protocol.n_items} items for {len(protocol)} users "
             f"in {time.perf_counter() - start:.1f} s (hr@10 {rows[-2]['hr@10']:.4f})")
     for name in baselines:
@@ -141,7 +159,29 @@ def _ranking(config: Config, setup: Setup, policies: dict, baselines, log) -> tu
             log(f"eval: {name} seed {seed} in {time.perf_counter() - start:.1f} s "
                 f"(hr@10 {per_seed[-1][0]['hr@10']:.4f})")
         rows += _summarise_seeds(name, per_seed)
+    info["paired"] = paired_differences(per_user)
     return rows, info
+
+
+def _ndcg10_per_user(scores: np.ndarray, protocol) -> np.ndarray:
+    """[U] each user's NDCG@10 of the test item (full ranking, history excluded)."""
+    from jaxrec.eval.metrics import ndcg, target_ranks
+
+    better, tied = target_ranks(exclude_items(scores, protocol.histories), protocol.targets)
+    return ndcg(better, tied, 10)
+
+
+def paired_differences(per_user: dict[str, np.ndarray]) -> list[dict]:
+    """RLHF minus SFT on the same users: the mean per-user difference in NDCG@10 (full
+    ranking) with its Student-t 95% interval over users."""
+    out = []
+    for stage in ("ppo", "ppo_best"):
+        if stage in per_user and "sft" in per_user:
+            ci = mean_interval(per_user[stage] - per_user["sft"])
+            out.append({"name": f"{POLICY_NAMES[stage]} - SFT policy", "metric": "ndcg@10",
+                        "protocol": "full", "users": len(per_user["sft"]),
+                        "mean": ci["mean"], "ci95": [ci["low"], ci["high"]]})
+    return out
 
 
 def _generation_and_simulator(config: Config, setup: Setup, policies: dict, log) -> tuple:
@@ -195,7 +235,7 @@ def run_eval(config: Config, workdir, *, baselines: tuple[str, ...] | None = Non
         results.update(rows=rows, **info)
     results["validity"], results["simulator"] = _generation_and_simulator(
         config, setup, policies, log)
-    results["literature"] = LITERATURE
+    results["literature"] = literature_for(config)
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "results.json", json.dumps(results, indent=2, default=_plain))
@@ -229,24 +269,31 @@ def markdown_report(results: dict) -> str:
     """The results as Markdown: ranking table, literature, validity and simulator tables."""
     lines = []
     if results.get("rows"):
-        lines += [f"## Offline ranking: {results['dataset']}, {results['split']}, "
-                  f"{results['users']} users, {results['items']} items",
+        lines += [f"## Offline ranking: {results['dataset']}, {results['users']} users, "
+                  f"{results['items']} items, {results.get('ratings', '?')} ratings",
                   "",
-                  "Full ranking excludes each user's history; candidates: the held-out item "
-                  f"and {results['candidates'] - 1} unrated items. Baselines: mean ± half the "
-                  "95% interval over seeds.",
+                  f"- filter: {results.get('filter', 'none (every rating)')}",
+                  f"- split: {results['split']}",
+                  f"- ranking: {results.get('ranking', ranking_text(results['candidates']))}",
+                  "- trained baselines: mean ± half the 95% interval over seeds",
                   "",
                   "| model | protocol | " + " | ".join(TABLE_METRICS) + " |",
                   "| --- | --- |" + " ---: |" * len(TABLE_METRICS)]
         for row in results["rows"]:
             cells = " | ".join(_cell(row, k) for k in TABLE_METRICS)
             lines.append(f"| {row['name']} | {row['protocol']} | {cells} |")
-        lines += ["", "Literature figures (not measured here; ML-100k, leave-one-out, full "
-                  "ranking):", "", "| model | hr@10 | ndcg@10 | source |",
-                  "| --- | ---: | ---: | --- |"]
-        for row in results["literature"]:
-            lines.append(f"| {row['name']} | {row['hr@10']:.4f} | {row['ndcg@10']:.4f} | "
-                         f"{row['source']} |")
+        for row in results.get("paired", []):
+            low, high = row["ci95"]
+            lines += ["", f"Paired over {row['users']} users, {row['name']}: {row['metric']} "
+                      f"({row['protocol']}) {row['mean']:+.4f}, 95% interval "
+                      f"[{low:+.4f}, {high:+.4f}]."]
+        if results.get("literature"):
+            lines += ["", "Published figures on the same dataset, filter and split (not "
+                      "measured here; full ranking):", "", "| model | hr@10 | ndcg@10 | source |",
+                      "| --- | ---: | ---: | --- |"]
+            for row in results["literature"]:
+                lines.append(f"| {row['name']} | {row['hr@10']:.4f} | {row['ndcg@10']:.4f} | "
+                             f"{row['source']} |")
         lines.append("")
     if results.get("validity"):
         lines += ["## Generative validity (greedy)", "",

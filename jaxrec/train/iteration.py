@@ -65,6 +65,14 @@ class ScoreSpec:
     whiten_rewards: bool = False  # whiten the shaped per-token rewards (mean kept)
 
 
+def score_spec(config: PPOConfig) -> ScoreSpec:
+    """The ScoreSpec a config's ppo section sets."""
+    return ScoreSpec(invalid_penalty=config.invalid_penalty,
+                     missing_eos_penalty=config.missing_eos_penalty,
+                     normalize=config.normalize_scores, clip=config.score_clip,
+                     whiten_rewards=config.whiten_rewards)
+
+
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 

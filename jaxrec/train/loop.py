@@ -29,7 +29,7 @@ from jaxrec.checkpoint import Checkpointer
 from jaxrec.config import Config, dump_config
 from jaxrec.rollout import rollout
 from jaxrec.train.distributed import is_primary, primary_log
-from jaxrec.train.iteration import build_iteration
+from jaxrec.train.iteration import build_iteration, score_spec
 from jaxrec.train.placement import Placement
 from jaxrec.train.report import TensorBoard, write_plots
 from jaxrec.train.setup import build_setup
@@ -66,7 +66,8 @@ class PPORun:
             self._build_sharded(reward_model)
         else:
             self.iteration = build_iteration(self.ppo, self.spec, self.env, self.env_params,
-                                             self.codec, **_reward_options(config, reward_model))
+                                             self.codec, score_spec(self.ppo),
+                                             **_reward_options(config, reward_model))
 
     def _build_sharded(self, reward_model):
         """The iteration jitted over the configured mesh: sharding only at the jit boundary
@@ -75,7 +76,8 @@ class PPORun:
         from jaxrec.train.mesh import named, row_shardings, state_specs
 
         raw = build_iteration(self.ppo, self.spec, self.env, self.env_params, self.codec,
-                              jit=False, **_reward_options(self.config, reward_model))
+                              score_spec(self.ppo), jit=False,
+                              **_reward_options(self.config, reward_model))
         state, users, _ = jax.eval_shape(self._initial_unsharded, self.params,
                                          self.reward_model)
         # metrics (and the key) whole on every device, so every host can read them

@@ -41,8 +41,15 @@ def build_world(config: Config):
         "synthetic", n_items=config.sim.n_items, n_topics=config.sim.n_topics,
         slate_size=config.rollout.slate_size, history_len=config.sim.history_len,
         reward=config.sim.reward, seed=config.sim.world_seed,
+        reward_weights=reward_weights(config),
     )
     return env, params, list(env.titles), None
+
+
+def reward_weights(config: Config) -> dict:
+    """The reward preset's weights that the config changes (sim.diversity, sim.novelty)."""
+    return {name: getattr(config.sim, name) for name in ("diversity", "novelty")
+            if getattr(config.sim, name) is not None}
 
 
 def load_ratings(config: Config):
@@ -71,7 +78,7 @@ def _movielens_world(config: Config):
         titles=[str(t) for t in items.clean_title], slate_size=config.rollout.slate_size,
         history_len=config.sim.history_len, reward=config.sim.reward,
         seed=config.sim.world_seed, future_items=config.sim.future_items,
-        future_utility=config.sim.future_utility,
+        future_utility=config.sim.future_utility, reward_weights=reward_weights(config),
     )
     years = [int(y) if y > 0 else None for y in items.year]
     return env, params, [str(t) for t in items.clean_title], years

@@ -84,7 +84,26 @@ def test_eval_writes_ranking_validity_and_simulator_results(run, capsys):
         assert 0.0 < row["coverage"] <= 1.0 and 0.0 <= row["click_rate"] <= 1.0
     md = (workdir / "eval" / "results.md").read_text()
     assert md == markdown_report(results) and md in printed
-    assert "| SFT policy | full |" in md and "LlamaRec (literature) | 0.1524 | 0.0759" in md
+    assert "| SFT policy | full |" in md
+    # the split is named beside the table; LlamaRec's figures are on another split, so absent
+    assert results["filter"] == "none (every rating)" and results["ratings"] == 100000
+    assert "equal timestamps are ordered by item id" in md and "19 items the user" in md
+    assert results["literature"] == [] and "literature" not in md
+
+
+def test_literature_rows_appear_only_beside_their_own_split():
+    from jaxrec.config import config_from_dict
+    from jaxrec.train.evaluate import literature_for
+
+    small = ["data.source=movielens-latest-small"]
+    assert literature_for(config_from_dict({}, small)) == []  # unfiltered: not LlamaRec's split
+    rows = literature_for(config_from_dict({}, [*small, "data.min_user_ratings=5",
+                                                "data.min_item_ratings=5"]))
+    assert {r["name"] for r in rows} == {"LlamaRec (literature)", "LRURec (literature)",
+                                         "SASRec (literature)", "BERT4Rec (literature)"}
+    assert literature_for(config_from_dict({}, ["data.source=movielens-100k"])) == []
+    shipped = load_config("configs/movielens-latest-small.yaml")
+    assert len(literature_for(shipped)) == 4
 
 
 def test_eval_errors_name_the_cause(run, tmp_path, capsys):

@@ -311,3 +311,21 @@ def test_multi_turn_sessions_through_the_cli(tmp_path):
     assert all(1.0 <= x["sim/turns_mean"] <= 3.0 for x in lines)
     assert all(x["gen/invalid_item_frac"] == 0.0 for x in lines)
     assert "eval/reward_mean" in lines[-1]
+
+
+def test_score_shaping_and_reward_weights_come_from_the_config():
+    from jaxrec.config import config_from_dict
+    from jaxrec.train.iteration import ScoreSpec, score_spec
+    from jaxrec.train.setup import build_world
+
+    config = config_from_dict({}, ["ppo.invalid_penalty=-3", "ppo.missing_eos_penalty=-2",
+                                   "ppo.normalize_scores=true", "ppo.score_clip=4",
+                                   "ppo.whiten_rewards=true", "sim.diversity=0.25",
+                                   "sim.novelty=0.5", "sim.n_items=30"])
+    assert score_spec(config.ppo) == ScoreSpec(invalid_penalty=-3.0, missing_eos_penalty=-2.0,
+                                               normalize=True, clip=4.0, whiten_rewards=True)
+    assert score_spec(config_from_dict({}, []).ppo) == ScoreSpec()  # the defaults agree
+    _, params, _, _ = build_world(config)
+    assert float(params.weights.diversity) == 0.25 and float(params.weights.novelty) == 0.5
+    _, default, _, _ = build_world(config_from_dict({}, ["sim.n_items=30"]))
+    assert float(default.weights.novelty) != 0.5
