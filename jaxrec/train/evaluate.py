@@ -313,3 +313,67 @@ def markdown_report(results: dict) -> str:
             lines.append(f"| {row['name']} | {row['decoding']} | {cells} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def combine_runs(runs: list[dict]) -> dict:
+    """Several runs' results.json (one seed each, same dataset and split) as one: each LM
+    policy row becomes the mean over runs with its Student-t 95% interval ('seeds' = runs);
+    baseline rows, already over their own seeds, come from the first run; paired differences
+    are averaged over runs with the interval over runs."""
+    if not runs:
+        raise ValueError("combine_runs: no results to combine")
+    keys = ("dataset", "filter", "split", "users", "items")
+    for run in runs[1:]:
+        if any(run.get(k) != runs[0].get(k) for k in keys):
+            raise ValueError(f"runs differ in {[k for k in keys if run.get(k) != runs[0].get(k)]}")
+    policies = set(POLICY_NAMES.values())
+    out = dict(runs[0])
+    rows = []
+    for row in runs[0]["rows"]:
+        if row["name"] not in policies:
+            rows.append(row)
+            continue
+        same = [next(r for r in run["rows"] if r["name"] == row["name"]
+                     and r["protocol"] == row["protocol"]) for run in runs]
+        merged = {k: v for k, v in row.items() if not isinstance(v, float)}
+        merged["seeds"] = len(runs)
+        for key in (k for k, v in row.items() if isinstance(v, float)):
+            ci = mean_interval([r[key] for r in same])
+            merged[key], merged[f"{key}_ci95"] = ci["mean"], [ci["low"], ci["high"]]
+        rows.append(merged)
+    out["rows"] = rows
+    paired = []
+    for row in runs[0].get("paired", []):
+        means = [next(p for p in run["paired"] if p["name"] == row["name"])["mean"]
+                 for run in runs]
+        ci = mean_interval(means)
+        paired.append({**row, "mean": ci["mean"], "ci95": [ci["low"], ci["high"]],
+                       "over": "seeds" if len(runs) > 1 else "users",
+                       **({"seeds": len(runs)} if len(runs) > 1 else {})})
+    out["paired"] = paired
+    return out
+
+
+def summary_table(results: dict, metrics: tuple[str, ...] = ("hr@10", "ndcg@10")) -> str:
+    """A compact Markdown table of the full-ranking rows, the split named above it, the paired
+    RLHF - SFT difference and the published rows of the same split below it."""
+    lines = [f"{results['dataset']} ({results['users']} users, {results['items']} items); "
+             f"filter: {results['filter']}; {results['split']}; full ranking over the "
+             "catalogue minus the history.", "",
+             "| model | seeds | " + " | ".join(metrics) + " |",
+             "| --- | ---: |" + " ---: |" * len(metrics)]
+    for row in results["rows"]:
+        if row["protocol"] == "full":
+            cells = " | ".join(_cell(row, k) for k in metrics)
+            lines.append(f"| {row['name']} | {row.get('seeds', 1)} | {cells} |")
+    for row in results.get("literature", []):
+        cells = " | ".join(f"{row[k]:.4f}" if k in row else "" for k in metrics)
+        lines.append(f"| {row['name']} | | {cells} |")
+    for row in results.get("paired", []):
+        low, high = row["ci95"]
+        over = (f"{row['seeds']} seeds" if row.get("over") == "seeds"
+                else f"{row['users']} users")
+        lines += ["", f"{row['name']}, {row['metric']}: {row['mean']:+.4f} (95% interval over "
+                  f"{over}: [{low:+.4f}, {high:+.4f}])."]
+    return "\n".join(lines) + "\n"
+

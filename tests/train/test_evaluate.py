@@ -153,3 +153,32 @@ def test_eval_in_the_synthetic_world_fills_validity_and_simulator_only(tmp_path,
     assert {r["constrained"] for r in results["validity"]} == {False, True}
     md = (tmp_path / "eval" / "results.md").read_text()
     assert "Offline ranking" not in md and "| SFT policy | greedy |" in md
+
+
+def test_runs_of_several_seeds_combine_into_one_table():
+    from jaxrec.train.evaluate import combine_runs, summary_table
+
+    def run(ndcg, diff):
+        return {"dataset": "movielens-latest-small", "filter": "f", "split": "s", "users": 610,
+                "items": 3650, "literature": [],
+                "rows": [{"name": "RLHF policy", "protocol": "full", "ndcg@10": ndcg,
+                          "hr@10": 2 * ndcg},
+                         {"name": "sasrec", "protocol": "full", "ndcg@10": 0.05, "hr@10": 0.1,
+                          "seeds": 3, "ndcg@10_ci95": [0.04, 0.06], "hr@10_ci95": [0.09, 0.11]}],
+                "paired": [{"name": "RLHF policy - SFT policy", "metric": "ndcg@10",
+                            "protocol": "full", "users": 610, "mean": diff,
+                            "ci95": [diff - 1, diff + 1]}]}
+
+    both = combine_runs([run(0.07, 0.01), run(0.09, 0.03)])
+    rl = both["rows"][0]
+    assert rl["seeds"] == 2 and rl["ndcg@10"] == pytest.approx(0.08)
+    # Student-t with 1 degree of freedom: 12.706 * sd / sqrt(2) = 12.706 * 0.01
+    assert rl["ndcg@10_ci95"] == pytest.approx([0.08 - 0.12706, 0.08 + 0.12706], rel=1e-3)
+    assert both["rows"][1] == run(0, 0)["rows"][1]  # baselines keep their own seeds
+    assert both["paired"][0]["mean"] == pytest.approx(0.02)
+    assert both["paired"][0]["over"] == "seeds"
+    table = summary_table(both)
+    assert "| RLHF policy | 2 | 0.1600 ± 0.2541 | 0.0800 ± 0.1271 |" in table
+    assert "over 2 seeds" in table and "filter: f; s" in table
+    with pytest.raises(ValueError, match="differ in"):
+        combine_runs([run(0.07, 0.0), {**run(0.07, 0.0), "users": 943}])

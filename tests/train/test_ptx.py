@@ -15,8 +15,8 @@ from jaxrec.train.setup import build_setup
 TINY = ["rollout.users=16", "ppo.minibatches=2", "ppo.epochs=2", "sim.n_items=30",
         "sim.n_topics=3", "sim.history_len=6", "rollout.history_items=3", "model.d_model=32",
         "model.n_layers=1", "model.d_ff=64", "ppo.policy_lr=3e-3", "ppo.kl_coef=0.0",
-        "ppo.kl_adaptive=false", "sft.steps=80", "sft.batch_size=32", "sft.lr=3e-3",
-        "sft.eval_every=80", "sft.eval_users=32", "sft.examples_per_user=2"]
+        "ppo.kl_adaptive=false", "sft.steps=50", "sft.batch_size=32", "sft.lr=3e-3",
+        "sft.eval_every=50", "sft.eval_users=32", "sft.examples_per_user=2"]
 
 
 def _config(*extra):
@@ -44,7 +44,7 @@ def test_ptx_nll_falls_with_the_term_and_rises_without_it(tmp_path, items):
         state, users, key = run.initial()
         assert ("ptx" in state.frozen) == (coef > 0)
         metrics = None
-        for i in range(6):
+        for i in range(4):
             state, users, metrics = run.iteration(state, users, jax.random.fold_in(key, i))
         assert ("ppo/ptx_nll" in metrics) == (coef > 0)
         after[coef] = _nll(setup.model, state.policy_params(), rows)
