@@ -466,6 +466,7 @@ class EvalConfig:
     seeds: int = 3  # training seeds per baseline (mean and 95% interval over them)
     baseline_epochs: int | None = None  # most epochs of BPR and SASRec (None: their own
     #                                     defaults; both stop early on validation HR@10)
+    sasrec_dropout: float = 0.2  # SASRec's dropout (0.4 on small data: ml-latest-small)
     candidates: int = 20  # candidate protocol: the held-out item plus this many - 1 negatives
     users: int | None = None  # offline users evaluated (the first N; None: all)
     sim_users: int = 256  # simulated users (first episodes) per decoding
@@ -481,6 +482,7 @@ class EvalConfig:
             ("seeds sim_users validity_users users baseline_epochs", ">= 1"),
             ("candidates", ">= 2"),
             ("temperature", "> 0"),
+            ("sasrec_dropout", "[0, 1)"),
         ))
 
 

@@ -120,9 +120,10 @@ def _policies(config: Config, workdir: pathlib.Path, setup: Setup, log) -> dict:
 
 def _baseline_settings(name: str, config: Config) -> dict:
     epochs = config.eval.baseline_epochs
+    settings = {"dropout": config.eval.sasrec_dropout} if name == "sasrec" else {}
     if name == "popularity" or epochs is None:
-        return {}
-    return {"epochs": epochs, "eval_every": min(epochs, 5)}
+        return settings
+    return {**settings, "epochs": epochs, "eval_every": min(epochs, 5)}
 
 
 def _ranking(config: Config, setup: Setup, policies: dict, baselines, log) -> tuple[list, dict]:

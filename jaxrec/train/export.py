@@ -69,8 +69,9 @@ def catalogue_entries(setup: Setup) -> list[dict]:
     entries = []
     for i, (block, n) in enumerate(zip(blocks, lengths, strict=True)):
         ids = [int(t) for t in block[:n]]
-        entries.append({"index": i, "title": setup.titles[i],
-                        "text": tok.decode(ids).strip(), "tokens": ids})
+        # item tokens are new to the tokenizer: their text is the title
+        text = setup.titles[i] if codec.item_token_offset >= 0 else tok.decode(ids).strip()
+        entries.append({"index": i, "title": setup.titles[i], "text": text, "tokens": ids})
     return entries
 
 

@@ -177,7 +177,9 @@ def build_setup(config: Config) -> Setup:
     if tokens:
         model, params, offset = add_item_tokens(model, params, text_codec)
         codec = item_token_codec(text_codec, offset, sequence_template=True)
-        template["item_token_offset"] = offset
+        # the sequence template: every item followed by the slate separator (export reads it)
+        template.update(item_token_offset=offset, separator=slate_separator,
+                        suffix=slate_separator)
     return Setup(config=config, env=env, env_params=env_params, titles=titles, years=years,
                  tokenizer=tokenizer, codec=codec, spec=spec, model=model, params=params,
                  template=template)

@@ -152,3 +152,18 @@ def test_item_token_sft_on_movielens_holds_out_the_validation_item(shared_dir):
 def _is_run(items, seq):
     n = len(items)
     return any(seq[i:i + n] == items for i in range(len(seq) - n + 1))
+
+
+def test_an_exported_template_renders_the_sequence_prompt():
+    from jaxrec.train.export import catalogue_entries, prompt_ids
+
+    setup = build_setup(_config())
+    template = {**setup.template, "prompt_len": setup.spec.prompt_len}
+    items = catalogue_entries(setup)
+    assert items[3]["tokens"] == [setup.codec.item_token_offset + 3]
+    assert items[3]["text"] == setup.titles[3]
+    history = [2, 4, 6]
+    ids = prompt_ids(setup.tokenizer.encode, template, items, history,
+                     bos_id=setup.tokenizer.bos_id)
+    tokens, valid = render_prompts(setup.codec, jnp.asarray([history]), setup.spec.prompt_len)
+    assert ids == np.asarray(tokens)[0][np.asarray(valid)[0]].tolist()
