@@ -344,13 +344,15 @@ def combine_runs(runs: list[dict]) -> dict:
         rows.append(merged)
     out["rows"] = rows
     paired = []
+    if len(runs) == 1:  # one seed: the interval is over users, as the run computed it
+        out["paired"] = [{**row, "over": "users"} for row in runs[0].get("paired", [])]
+        return out
     for row in runs[0].get("paired", []):
         means = [next(p for p in run["paired"] if p["name"] == row["name"])["mean"]
                  for run in runs]
         ci = mean_interval(means)
         paired.append({**row, "mean": ci["mean"], "ci95": [ci["low"], ci["high"]],
-                       "over": "seeds" if len(runs) > 1 else "users",
-                       **({"seeds": len(runs)} if len(runs) > 1 else {})})
+                       "over": "seeds", "seeds": len(runs)})
     out["paired"] = paired
     return out
 

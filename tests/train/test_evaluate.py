@@ -180,5 +180,8 @@ def test_runs_of_several_seeds_combine_into_one_table():
     table = summary_table(both)
     assert "| RLHF policy | 2 | 0.1600 ± 0.2541 | 0.0800 ± 0.1271 |" in table
     assert "over 2 seeds" in table and "filter: f; s" in table
+    one = combine_runs([run(0.07, 0.01)])  # one seed: the run's own interval over users
+    assert one["paired"][0]["ci95"] == [0.01 - 1, 0.01 + 1]
+    assert "over 610 users: [-0.9900, +1.0100]" in summary_table(one)
     with pytest.raises(ValueError, match="differ in"):
         combine_runs([run(0.07, 0.0), {**run(0.07, 0.0), "users": 943}])
