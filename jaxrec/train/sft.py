@@ -539,6 +539,21 @@ def first_items(cfg: ModelConfig, codec: ItemCodec, slate_size: int, params: Any
     return items[:, 0]
 
 
+def _in_chunks(examples: Any, chunk: int) -> tuple[Any, jax.Array]:
+    """Examples [E, ...] -> ([n_chunks, chunk, ...] padded with copies of the last row,
+    [n_chunks, chunk] float32 weights: 1 on real rows, 0 on the padding), for lax.map."""
+    e = examples.size
+    n_chunks = -(-e // chunk)
+    pad = n_chunks * chunk - e
+
+    def chunked(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+        return x.reshape(n_chunks, chunk, *x.shape[1:])
+
+    weight = (jnp.arange(n_chunks * chunk) < e).astype(jnp.float32).reshape(n_chunks, chunk)
+    return jax.tree.map(chunked, examples), weight
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "slate_size", "ban_history", "chunk"))
 def evaluate(params: Any, examples: SFTExamples, codec: ItemCodec, *, cfg: ModelConfig,
              slate_size: int, ban_history: bool, chunk: int) -> dict[str, jax.Array]:
@@ -546,14 +561,7 @@ def evaluate(params: Any, examples: SFTExamples, codec: ItemCodec, *, cfg: Model
     of examples whose greedy first item is the true next item}, over chunks of `chunk` rows
     (lax.map; the last chunk is padded and its padding weighs 0)."""
     e = examples.size
-    n_chunks = -(-e // chunk)
-    pad = n_chunks * chunk - e
-
-    def chunked(x):  # [E, ...] -> [n_chunks, chunk, ...]
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
-        return x.reshape(n_chunks, chunk, *x.shape[1:])
-
-    weight = (jnp.arange(n_chunks * chunk) < e).astype(jnp.float32).reshape(n_chunks, chunk)
+    chunks, weight = _in_chunks(examples, chunk)
 
     def one(xs):
         batch, w = xs
@@ -561,7 +569,7 @@ def evaluate(params: Any, examples: SFTExamples, codec: ItemCodec, *, cfg: Model
         hit = first_items(cfg, codec, slate_size, params, batch, ban_history) == batch.next_item
         return jnp.stack([(w * nll).sum(), (w * count).sum(), (w * hit).sum()])
 
-    totals = jax.lax.map(one, (jax.tree.map(chunked, examples), weight)).sum(axis=0)  # [3]
+    totals = jax.lax.map(one, (chunks, weight)).sum(axis=0)  # [3]
     return {"sft/eval_loss": totals[0] / jnp.maximum(totals[1], 1.0),
             "sft/next_item_acc": totals[2] / e}
 
@@ -574,14 +582,7 @@ def evaluate_next_item(params: Any, examples: NextItemExamples, codec: ItemCodec
     "sft/eval_hr@10", "sft/eval_ndcg@10": the next item's rank among the items outside the
     history (ties count against it)}, over chunks of `chunk` rows."""
     e = examples.size
-    n_chunks = -(-e // chunk)
-    pad = n_chunks * chunk - e
-
-    def chunked(x):  # [E, ...] -> [n_chunks, chunk, ...]
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
-        return x.reshape(n_chunks, chunk, *x.shape[1:])
-
-    weight = (jnp.arange(n_chunks * chunk) < e).astype(jnp.float32).reshape(n_chunks, chunk)
+    chunks, weight = _in_chunks(examples, chunk)
 
     def one(xs):
         batch, w = xs
@@ -595,7 +596,7 @@ def evaluate_next_item(params: Any, examples: NextItemExamples, codec: ItemCodec
         return jnp.stack([(w * -own).sum(), (w * (rank == 0)).sum(), (w * hit).sum(),
                           (w * ndcg).sum()])
 
-    totals = jax.lax.map(one, (jax.tree.map(chunked, examples), weight)).sum(axis=0) / e
+    totals = jax.lax.map(one, (chunks, weight)).sum(axis=0) / e
     return {"sft/eval_loss": totals[0], "sft/next_item_acc": totals[1],
             "sft/eval_hr@10": totals[2], "sft/eval_ndcg@10": totals[3]}
 
