@@ -270,12 +270,12 @@ def sequence_windows(hist: Histories, users: np.ndarray, per_user: int,
 
 
 def _last_items(hist: Histories, users: np.ndarray, window: int) -> np.ndarray:
-    """[U, window] each user's most recent `window` items, -1 left padded."""
-    out = np.full((len(users), window), -1, np.int32)
-    for row, u in enumerate(users):
-        h = hist.items[hist.start[u]:hist.start[u] + hist.length[u]][-window:]
-        out[row, window - len(h):] = h
-    return out
+    """[U, window] each user's most recent `window` items, -1 left padded (one gather, as
+    `cut_examples` takes its windows)."""
+    pos = hist.length[users][:, None] - window + np.arange(window)  # [U, W] within the user
+    at = hist.start[users][:, None] + np.maximum(pos, 0)
+    return np.where(pos >= 0, hist.items[np.minimum(at, max(len(hist.items) - 1, 0))],
+                    -1).astype(np.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("prompt_len",))
